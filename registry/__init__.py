@@ -1,0 +1,4 @@
+"""The local model registry: SQLite records, content-addressed blobs, catalog, selection.
+
+Never imports `agent`.
+"""
