@@ -1,0 +1,52 @@
+# edge-agent: `make run` serves the default model, `make test` runs every test.
+# Both do all set-up first through `make setup` (idempotent: a second run changes nothing).
+
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.setup-done
+HOME_DIR := $(CURDIR)/var
+export EDGE_AGENT_HOME ?= $(HOME_DIR)
+export EDGE_AGENT_SOCKET ?= $(HOME_DIR)/agent.sock
+# llama-cpp-python compiles llama.cpp from source (~11 min on 2 cores); pip keeps the
+# built wheel in its cache, so only the first set-up on a machine pays for it.
+export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup run test check lint typecheck bench clean lock
+
+setup: $(STAMP)
+
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --no-deps --require-virtualenv -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --require-virtualenv -e .
+	@touch $(STAMP)
+
+run: setup
+	@mkdir -p $(HOME_DIR) && chmod 0750 $(HOME_DIR)
+	$(VENV)/bin/edge-agent models pull smollm2-135m
+	$(VENV)/bin/edge-agent device info
+	$(VENV)/bin/edge-agent models list
+
+test: setup
+	$(VENV)/bin/pytest
+
+check: setup lint typecheck
+
+lint:
+	$(VENV)/bin/ruff check .
+
+typecheck:
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(PY) bench/selection.py
+
+# Re-pin every dependency from the current environment (run after changing pyproject).
+lock:
+	$(PY) -m pip freeze --exclude-editable | grep -v '^edge-agent' > requirements.lock
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,88 @@
+"""The agent's own API under /agent/v1: device, registry, selection, load/unload, ps."""
+
+from __future__ import annotations
+
+import asyncio
+
+from aiohttp import web
+
+from agent.api.errors import APIError
+from agent.api.openai import parse_keep_alive, read_json
+from agent.api.routes import PUBLIC, RouteSpec
+from agent.server import peer_credentials
+from agent.state import STATE
+
+
+async def whoami(request: web.Request) -> web.Response:
+    """The caller's kernel-verified credentials, as the agent sees them."""
+    cred = peer_credentials(request)
+    if cred is None:
+        return web.json_response({"transport": "tcp"})
+    return web.json_response(
+        {"transport": "unix", "pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
+    )
+
+
+async def device(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    profile = await asyncio.to_thread(state.resolver.profile)
+    return web.json_response(profile.model_dump(mode="json"))
+
+
+async def models(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    rows = await asyncio.to_thread(state.registry.list_models)
+    return web.json_response({"models": [m.model_dump(mode="json") for m in rows]})
+
+
+async def model(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    alias = request.match_info["alias"]
+    info = await asyncio.to_thread(state.registry.get, alias)
+    body = info.model_dump(mode="json")
+    try:
+        sel = await asyncio.to_thread(state.resolver.selection, alias)
+        body["selection"] = sel.model_dump(mode="json")
+    except Exception as exc:  # noqa: BLE001 - the model is still shown; say why none fits
+        body["selection"] = {"error": str(exc)}
+    return web.json_response(body)
+
+
+async def load(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    alias = request.match_info["alias"]
+    body = await read_json(request) if request.can_read_body else {}
+    if not isinstance(body, dict):
+        raise APIError(400, "body must be a JSON object")
+    try:
+        keep_alive = parse_keep_alive(body.get("keep_alive"))
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="keep_alive") from exc
+    loaded = await state.manager.load(alias, keep_alive)
+    return web.json_response(loaded.model_dump(mode="json"))
+
+
+async def unload(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    alias = request.match_info["alias"]
+    done = await state.manager.unload(alias)
+    return web.json_response({"model": alias, "unloaded": done})
+
+
+async def loaded(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    return web.json_response(
+        {"models": [m.model_dump(mode="json") for m in state.manager.loaded()]}
+    )
+
+
+ROUTES = [
+    RouteSpec("GET", "/agent/v1/whoami", whoami, PUBLIC),
+    RouteSpec("GET", "/agent/v1/device", device, "device:read"),
+    RouteSpec("GET", "/agent/v1/models", models, "models:read"),
+    RouteSpec("GET", "/agent/v1/models/{alias}", model, "models:read", model_scoped=True),
+    RouteSpec("POST", "/agent/v1/models/{alias}/load", load, "models:load", model_scoped=True),
+    RouteSpec("POST", "/agent/v1/models/{alias}/unload", unload, "models:load",
+              model_scoped=True),
+    RouteSpec("GET", "/agent/v1/loaded", loaded, "models:read"),
+]

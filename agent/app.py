@@ -1,0 +1,99 @@
+"""App factory and lifespan: opens the registry, builds the runtime, closes in reverse."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import psutil
+from aiohttp import web
+
+from agent.api import agent_api, health, openai
+from agent.api.errors import APIError, error_middleware, error_response
+from agent.api.routes import PUBLIC, add_routes, route_spec
+from agent.metrics import Metrics
+from agent.models import ModelResolver
+from agent.runtime.lifecycle import ModelManager
+from agent.settings import Settings
+from agent.state import STATE, AgentState
+from registry.service import open_registry
+
+log = logging.getLogger(__name__)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def metrics_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Counts requests and errors by route template and status code."""
+    state = request.app[STATE]
+    spec = route_spec(request)
+    route = spec.path if spec else "unmatched"
+    status = 500
+    try:
+        resp = await handler(request)
+        status = resp.status
+        return resp
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    finally:
+        state.metrics.requests.labels(route, str(status)).inc()
+        if status >= 400:
+            state.metrics.errors.labels(route, str(status)).inc()
+
+
+@web.middleware
+async def stopping_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Once stopping, new work gets 503 while health checks still answer."""
+    state = request.app[STATE]
+    spec = route_spec(request)
+    if state.stopping and (spec is None or spec.permission != PUBLIC):
+        return error_response(APIError(503, "the agent is stopping", type="server_error",
+                                       code="stopping"))
+    return await handler(request)
+
+
+def create_app(settings: Settings) -> web.Application:
+    """Build the app and its parts; the cleanup context starts and closes them."""
+    t0 = time.monotonic()
+    registry = open_registry(settings.home)
+    metrics = Metrics()
+    resolver = ModelResolver(settings, registry)
+    manager = ModelManager(
+        settings.runtime, resolver.resolve, metrics,
+        total_memory=psutil.virtual_memory().total, lease=registry.lease,
+    )
+    state = AgentState(settings=settings, registry=registry, manager=manager,
+                       metrics=metrics, resolver=resolver)
+    app = web.Application(
+        client_max_size=settings.server.max_body_bytes,
+        middlewares=[metrics_middleware, error_middleware, stopping_middleware],
+    )
+    app[STATE] = state
+    add_routes(app, health.ROUTES + openai.ROUTES + agent_api.ROUTES)
+    app.cleanup_ctx.append(_lifespan(state, t0))
+    return app
+
+
+def _lifespan(
+    state: AgentState, t0: float
+) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def lifespan(app: web.Application) -> AsyncIterator[None]:
+        await state.manager.start()
+        state.ready = True
+        log.info("ready in %.0f ms (home %s)", (time.monotonic() - t0) * 1000,
+                 state.settings.home)
+        try:
+            yield
+        finally:
+            await shutdown(state)
+
+    return lifespan
+
+
+async def shutdown(state: AgentState) -> None:
+    """Stop taking work, end generations, close the registry. Safe to call twice."""
+    state.stopping = True
+    await state.manager.close(state.settings.server.shutdown_grace_seconds)
+    state.registry.close()

@@ -1,0 +1,166 @@
+"""`edge-agent models ...`: import, list, show, rm, pull and select models."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import click
+from tqdm import tqdm
+
+from agent.cli import Context, emit_json, human_bytes, json_option
+from agent.models import open_registry_for, pull_model, selection_for
+from registry.service import ModelInfo, Registry
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@contextmanager
+def _registry(ctx: Context) -> Iterator[Registry]:
+    reg = open_registry_for(ctx.settings)
+    try:
+        yield reg
+    finally:
+        reg.close()
+
+
+@click.group()
+def models() -> None:
+    """Manage the models installed on this device."""
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--alias", help="Name apps use for the model (default: from the file).")
+@click.option("--move", is_flag=True, help="Move the file into the store instead of copying.")
+@click.option("--task", type=click.Choice(["chat", "completion", "embedding"]), default=None,
+              help="What the model does, when the file does not say.")
+@json_option
+@pass_ctx
+def import_(
+    ctx: Context, path: Path, alias: str | None, move: bool, task: str | None, as_json: bool
+) -> None:
+    """Import a GGUF or ONNX file; its metadata is read from the file itself."""
+    size = path.stat().st_size if path.is_file() else 0
+    with _registry(ctx) as reg, tqdm(
+        total=size, unit="B", unit_scale=True, desc=f"importing {path.name}",
+        disable=as_json or None, leave=False,
+    ) as bar:
+        result = reg.import_file(
+            path, alias=alias, move=move, progress=bar.update, task=task,  # type: ignore[arg-type]
+        )
+    if as_json:
+        emit_json(result)
+        return
+    verb = "imported" if result.created else "already present:"
+    click.echo(f"{verb} {result.model.alias} ({result.variant}, sha256 {result.sha256[:12]})")
+
+
+@models.command("list")
+@json_option
+@pass_ctx
+def list_(ctx: Context, as_json: bool) -> None:
+    """List installed models."""
+    with _registry(ctx) as reg:
+        rows = reg.list_models()
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        click.echo("no models installed (try: edge-agent models pull smollm2-135m)")
+        return
+    click.echo(f"{'ALIAS':<24} {'TASK':<11} {'PARAMS':>8} {'VARIANTS':<28} {'SIZE':>9}")
+    for m in rows:
+        size = sum(v.file_size or 0 for v in m.variants)
+        names = ",".join(v.name for v in m.variants)
+        click.echo(
+            f"{m.alias:<24} {m.task:<11} {_params(m.parameter_count):>8} {names:<28} "
+            f"{human_bytes(size):>9}"
+        )
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+@models.command("show")
+@click.argument("alias")
+@json_option
+@pass_ctx
+def show(ctx: Context, alias: str, as_json: bool) -> None:
+    """Show one model, its variants and its history."""
+    with _registry(ctx) as reg:
+        info = reg.get(alias)
+        events = reg.events(alias)
+    if as_json:
+        data = info.model_dump(mode="json")
+        data["events"] = [e.model_dump(mode="json") for e in events]
+        emit_json(data)
+        return
+    _print_model(info)
+    click.echo("history:")
+    for e in events:
+        click.echo(f"  {e.time:%Y-%m-%d %H:%M:%S} {e.kind} {e.details}")
+
+
+def _print_model(m: ModelInfo) -> None:
+    click.echo(f"{m.alias}: {m.task} model, architecture {m.architecture or '-'}")
+    click.echo(f"  parameters {_params(m.parameter_count)}, context {m.context_length or '-'}")
+    click.echo(f"  license {m.license or '-'}, source {m.source}")
+    for v in m.variants:
+        template = "chat template" if v.has_chat_template else "no chat template"
+        click.echo(
+            f"  variant {v.name}: {v.format} {v.quantization} on {v.target}, "
+            f"{human_bytes(v.file_size)}, {template}, sha256 {v.sha256}"
+        )
+
+
+@models.command("rm")
+@click.argument("alias")
+@click.option("--force", is_flag=True, help="Remove even while a running agent uses it.")
+@pass_ctx
+def rm(ctx: Context, alias: str, force: bool) -> None:
+    """Remove a model; its files go when no other model uses them."""
+    with _registry(ctx) as reg:
+        removed = reg.remove(alias, force=force)
+    click.echo(f"removed {alias} ({len(removed)} file(s) deleted)")
+
+
+@models.command("pull")
+@click.argument("alias")
+@json_option
+@pass_ctx
+def pull(ctx: Context, alias: str, as_json: bool) -> None:
+    """Install a catalog model from a source available on this device."""
+    with _registry(ctx) as reg:
+        result = pull_model(reg, alias, progress=not as_json)
+    if as_json:
+        emit_json(result)
+        return
+    verb = "installed" if result.created else "already installed:"
+    click.echo(f"{verb} {result.model.alias} ({result.variant}, sha256 {result.sha256[:12]})")
+
+
+@models.command("select")
+@click.argument("alias")
+@click.option("--explain", is_flag=True, help="List every candidate with its verdict.")
+@click.option(
+    "--root", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+    help="Judge against the hardware captured under this directory instead of this device.",
+)
+@json_option
+@pass_ctx
+def select(ctx: Context, alias: str, explain: bool, root: Path | None, as_json: bool) -> None:
+    """Choose the best variant of a model for this device, and say why."""
+    with _registry(ctx) as reg:
+        sel = selection_for(ctx.settings, reg, alias, root=root)
+    if as_json:
+        emit_json(sel)
+        return
+    click.echo(f"{alias}: {sel.chosen.name} ({sel.chosen.quantization} on {sel.chosen.target})")
+    if explain:
+        for c in sel.candidates:
+            click.echo(f"  {c.variant.name:<32} {c.verdict:<10} {'; '.join(c.reasons)}")

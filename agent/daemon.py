@@ -1,0 +1,98 @@
+"""`edge-agent serve`: listeners up, systemd told, signals handled, clean exit on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from aiohttp import web
+
+from agent.app import create_app
+from agent.server import bind_unix_socket, inherited_sockets, remove_socket_file
+from agent.settings import LoggingSettings, Settings
+from agent.state import STATE
+from agent.systemd import notify, watchdog_interval, watchdog_loop
+
+log = logging.getLogger("agent")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": self.formatTime(record), "level": record.levelname.lower(),
+            "logger": record.name, "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def configure_logging(cfg: LoggingSettings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if cfg.json_format:
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(cfg.level.upper())
+    # aiohttp's access log would print every path at INFO; keep it at debug level.
+    logging.getLogger("aiohttp.access").setLevel(
+        logging.DEBUG if cfg.level == "debug" else logging.WARNING
+    )
+
+
+def serve(settings: Settings) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+    configure_logging(settings.logging)
+    inherited = inherited_sockets()
+    socks = inherited or [
+        bind_unix_socket(settings.socket, mode=settings.server.socket_mode,
+                         group=settings.server.socket_group)
+    ]
+    try:
+        app = create_app(settings)
+        asyncio.run(_run(app, socks, settings))
+    finally:
+        if not inherited:
+            remove_socket_file(socks[0], settings.socket)
+    return 0
+
+
+async def _run(app: web.Application, socks: list, settings: Settings) -> None:  # type: ignore[type-arg]
+    grace = settings.server.shutdown_grace_seconds
+    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
+                           shutdown_timeout=grace, access_log=log.getChild("access"))
+    await runner.setup()
+    for sock in socks:
+        await web.SockSite(runner, sock, shutdown_timeout=grace).start()
+    if settings.server.tcp_enabled:
+        await web.TCPSite(runner, "127.0.0.1", settings.server.tcp_port,
+                          shutdown_timeout=grace).start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    watchdog = None
+    interval = watchdog_interval()
+    if interval:
+        watchdog = asyncio.create_task(watchdog_loop(interval), name="sd-watchdog")
+    notify("READY=1")
+    where = [str(Path(s.getsockname())) for s in socks if isinstance(s.getsockname(), str)]
+    log.info("serving on %s", ", ".join(where) or "inherited sockets")
+    await stop.wait()
+    notify("STOPPING=1")
+    log.info("stopping: finishing in-flight requests (grace %.0fs)", grace)
+    app[STATE].stopping = True
+    if watchdog is not None:
+        watchdog.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watchdog
+    await runner.cleanup()

@@ -1,0 +1,1 @@
+"""Inference runtimes (llama.cpp, ONNX Runtime) and the lifecycle of loaded models."""

@@ -1,0 +1,307 @@
+"""The GGUF backend: one llama.cpp model and context, prompt formatting and token streaming.
+
+`llama_cpp` is imported inside functions so an agent with nothing loaded stays small and
+starts fast. A `LlamaBackend` is not thread-safe: the lifecycle runs one `generate` at a
+time per backend, in a worker thread, and passes a `threading.Event` to stop it.
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from agent.metrics import Metrics
+from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
+from agent.runtime.types import (
+    ChatNotSupported,
+    Chunk,
+    GenerationRequest,
+    ModelLoadFailed,
+    PromptTooLong,
+    ResolvedModel,
+    Sampling,
+)
+
+log = logging.getLogger(__name__)
+
+GPU_TARGETS = ("gpu", "cuda", "rocm", "hip", "vulkan", "metal", "sycl", "opencl")
+RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a fresh seed
+
+
+def default_threads() -> int:
+    """Physical cores: hyper-threads slow llama.cpp's matrix kernels down."""
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+def wants_gpu(target: str) -> bool:
+    return target.lower().startswith(GPU_TARGETS)
+
+
+class LlamaBackend:
+    """A loaded GGUF model that formats prompts and streams completions."""
+
+    def __init__(
+        self,
+        resolved: ResolvedModel,
+        llm: Any,
+        *,
+        threads: int,
+        n_gpu_layers: int,
+        metrics: Metrics | None = None,
+    ) -> None:
+        import llama_cpp
+
+        self.resolved = resolved
+        self.alias = resolved.alias
+        self._llm = llm
+        self._metrics = metrics
+        self._vocab = llm._model.vocab  # the public API offers no is-end-of-generation test
+        self._is_eog = llama_cpp.llama_vocab_is_eog
+        self.threads = threads
+        self.n_gpu_layers = n_gpu_layers
+        self.n_ctx: int = int(llm.n_ctx())
+        meta: dict[str, str] = dict(llm.metadata or {})
+        self.architecture = resolved.architecture or meta.get("general.architecture")
+        template = resolved.chat_template or meta.get("tokenizer.chat_template")
+        self._bos_text = _token_text(llm, llm.token_bos())
+        self._chat: ChatFormat | None = chat_format_for(
+            template,
+            self.architecture,
+            bos_token=self._bos_text,
+            eos_token=_token_text(llm, llm.token_eos()),
+        )
+        self.chat_source: str | None = None
+        if isinstance(self._chat, JinjaFormat):
+            self.chat_source = "gguf"
+        elif self._chat is not None:
+            self.chat_source = f"fallback:{getattr(self._chat, '__name__', 'unknown')}"
+        self._closed = False
+
+    @classmethod
+    def load(
+        cls,
+        resolved: ResolvedModel,
+        *,
+        threads: int | None = None,
+        n_ctx: int = 4096,
+        n_gpu_layers: int | None = None,
+        metrics: Metrics | None = None,
+    ) -> LlamaBackend:
+        """Load `resolved.path`; `n_gpu_layers=None` offloads everything when the variant
+        targets a GPU this build of llama.cpp can use, else nothing."""
+        import llama_cpp
+
+        threads = threads or default_threads()
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if wants_gpu(resolved.target) else 0
+        if n_gpu_layers != 0 and not llama_cpp.llama_supports_gpu_offload():
+            log.info("%s targets %s but this llama.cpp has no GPU offload; using the CPU",
+                     resolved.alias, resolved.target)
+            n_gpu_layers = 0
+        if resolved.context_length:
+            n_ctx = min(n_ctx, resolved.context_length)
+
+        def open_model(ctx: int) -> Any:
+            return llama_cpp.Llama(
+                model_path=resolved.path,
+                n_ctx=ctx,
+                n_threads=threads,
+                n_threads_batch=threads,
+                n_gpu_layers=n_gpu_layers,
+                use_mmap=True,
+                seed=RANDOM_SEED,
+                verbose=False,
+            )
+
+        try:
+            llm = open_model(n_ctx)
+            trained = int(llm._model.n_ctx_train())
+            if 0 < trained < n_ctx:  # the registry did not know the model's window
+                llm.close()
+                llm = open_model(trained)
+        except Exception as exc:  # llama.cpp: ValueError("Failed to load model from file: ...")
+            raise ModelLoadFailed(
+                f"model {resolved.alias}: cannot load {resolved.path}: {exc}"
+            ) from exc
+        return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers, metrics=metrics)
+
+    @property
+    def chat_supported(self) -> bool:
+        return self._chat is not None
+
+    def details(self) -> dict[str, Any]:
+        """What `edge-agent ps` shows about this backend."""
+        return {
+            "backend": "llama.cpp",
+            "architecture": self.architecture,
+            "n_ctx": self.n_ctx,
+            "threads": self.threads,
+            "n_gpu_layers": self.n_gpu_layers,
+            "chat_format": self.chat_source,
+        }
+
+    def format_prompt(self, request: GenerationRequest) -> FormattedPrompt:
+        """The text the model sees: the prompt as given, or the chat rendered by its template."""
+        if request.messages is None:
+            return FormattedPrompt(request.prompt or "", source="raw")
+        if self._chat is None:
+            raise ChatNotSupported(
+                f"model {self.alias} has no chat template and none is known for architecture "
+                f"{self.architecture or 'unknown'}; use /v1/completions"
+            )
+        return self._chat(request.messages)
+
+    def tokenize(self, formatted: FormattedPrompt) -> list[int]:
+        text = formatted.text
+        # A template that writes BOS itself must not get a second one from the tokenizer.
+        add_bos = not (self._bos_text and text.startswith(self._bos_text))
+        tokens: list[int] = list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos,
+                                                    special=True))
+        if not tokens:  # an empty prompt: start from BOS so there is something to evaluate
+            bos = int(self._llm.token_bos())
+            tokens = [bos if bos >= 0 else int(self._llm.token_eos())]
+        return tokens
+
+    def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
+        """Stream the completion as text chunks; the last chunk has finish_reason and usage.
+
+        Returns without a final chunk when `cancel` is set (checked before every token)."""
+        formatted = self.format_prompt(request)
+        tokens = self.tokenize(formatted)
+        s = request.sampling
+        n_prompt = len(tokens)
+        if n_prompt >= self.n_ctx:
+            raise PromptTooLong(
+                f"prompt is {n_prompt} tokens, context window is {self.n_ctx}"
+            )
+        room = self.n_ctx - n_prompt
+        limit = min(s.max_tokens, room) if s.max_tokens else room
+        stops = [x for x in (*s.stop, *formatted.stop) if x]
+        stop_ids = self._stop_token_ids(formatted.stop)
+        yield from self._stream(tokens, s, limit, stops, stop_ids, cancel)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._llm.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _stop_token_ids(self, stop: Sequence[str]) -> set[int]:
+        """Template stop strings that are single special tokens (they detokenize to '')."""
+        ids: set[int] = set()
+        for s in stop:
+            toks = self._llm.tokenize(s.encode("utf-8"), add_bos=False, special=True)
+            if len(toks) == 1:
+                ids.add(int(toks[0]))
+        return ids
+
+    def _stream(
+        self,
+        tokens: list[int],
+        s: Sampling,
+        limit: int,
+        stops: list[str],
+        stop_ids: set[int],
+        cancel: threading.Event,
+    ) -> Iterator[Chunk]:
+        llm = self._llm
+        grammar = None
+        if s.json_object:
+            from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        if s.seed is not None:
+            llm.set_seed(s.seed & 0xFFFFFFFF)
+            # Reusing a cached prompt prefix evaluates in a different batch shape, which can
+            # change float rounding; a seeded request evaluates from scratch to be repeatable.
+            llm.reset()
+        else:
+            llm.set_seed(RANDOM_SEED)
+        m = self._metrics
+        if m is not None:
+            m.prompt_tokens.labels(model=self.alias).inc(len(tokens))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        pending = ""
+        n_out = 0
+        finish: str | None = None
+        by_sequence = False
+        last = time.perf_counter()
+        gen = llm.generate(
+            tokens,
+            top_k=s.top_k,
+            top_p=s.top_p,
+            min_p=s.min_p,
+            temp=s.temperature,
+            repeat_penalty=s.repeat_penalty,
+            frequency_penalty=s.frequency_penalty,
+            presence_penalty=s.presence_penalty,
+            grammar=grammar,
+        )
+        try:
+            while True:
+                if cancel.is_set():
+                    return
+                token = int(next(gen))
+                now = time.perf_counter()
+                if self._is_eog(self._vocab, token) or token in stop_ids:
+                    finish = "stop"
+                    break
+                n_out += 1
+                if m is not None:
+                    m.tokens_generated.labels(model=self.alias).inc()
+                    if n_out > 1:
+                        m.inter_token.labels(model=self.alias).observe(now - last)
+                last = now
+                pending += decoder.decode(llm.detokenize([token]))
+                cut = _find_stop(pending, stops)
+                if cut is not None:
+                    pending = pending[:cut]
+                    finish, by_sequence = "stop", True
+                    break
+                keep = _held_back(pending, stops)
+                emit, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+                if n_out >= limit:
+                    finish = "length"
+                    pending = emit + pending
+                    break
+                if emit:
+                    yield Chunk(text=emit)
+        finally:
+            gen.close()
+        if not by_sequence:  # bytes after a stop sequence are dropped with it
+            pending += decoder.decode(b"", final=True)
+        yield Chunk(
+            text=pending,
+            finish_reason="stop" if finish == "stop" else "length",
+            prompt_tokens=len(tokens),
+            completion_tokens=n_out,
+        )
+
+
+def _token_text(llm: Any, token: int) -> str:
+    return str(llm._model.token_get_text(token)) if token >= 0 else ""
+
+
+def _find_stop(text: str, stops: Sequence[str]) -> int | None:
+    """Index where the earliest stop sequence begins in `text`, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of `text` that could begin a stop sequence."""
+    best = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), best, -1):
+            if text.endswith(s[:n]):
+                best = n
+                break
+    return best

@@ -1,0 +1,118 @@
+"""What the API hands the runtime and gets back: requests, streamed chunks, errors.
+
+    RuntimeError_
+    ├── ModelLoadFailed      the file would not load (503)
+    ├── QueueFull            too many waiting requests for a model (429 + Retry-After)
+    ├── PromptTooLong        prompt does not fit the context window (400)
+    ├── ChatNotSupported     no chat template known for this model (400)
+    └── Stopping             the agent is shutting down (503)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class RuntimeError_(Exception):  # noqa: N801 - avoid shadowing the builtin
+    """Base of runtime errors; the API maps each subclass to one HTTP status."""
+
+
+class ModelLoadFailed(RuntimeError_):
+    pass
+
+
+class QueueFull(RuntimeError_):
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class PromptTooLong(RuntimeError_):
+    pass
+
+
+class ChatNotSupported(RuntimeError_):
+    pass
+
+
+class Stopping(RuntimeError_):
+    pass
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "tool", "developer"]
+    content: str
+
+
+class Sampling(BaseModel):
+    """Sampling parameters shared by chat and completions (OpenAI names + llama.cpp's)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.8, ge=0, le=2)
+    top_p: float = Field(default=0.95, gt=0, le=1)
+    top_k: int = Field(default=40, ge=0)
+    min_p: float = Field(default=0.05, ge=0, le=1)
+    repeat_penalty: float = Field(default=1.0, gt=0)
+    presence_penalty: float = Field(default=0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(default=0.0, ge=-2, le=2)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list, max_length=8)
+    json_object: bool = Field(default=False, description="Constrain output to a JSON object.")
+
+
+class GenerationRequest(BaseModel):
+    """One chat or completion call. Exactly one of `messages` / `prompt` is set."""
+
+    model: str
+    messages: list[ChatMessage] | None = None
+    prompt: str | None = None
+    sampling: Sampling = Field(default_factory=Sampling)
+    keep_alive: float | None = Field(
+        default=None, description="Seconds to keep the model loaded after this request."
+    )
+
+
+class Chunk(BaseModel):
+    """A piece of a streamed generation. The last chunk has finish_reason and usage."""
+
+    text: str = ""
+    finish_reason: Literal["stop", "length"] | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class LoadedModel(BaseModel):
+    """A loaded model as `edge-agent ps` and /agent/v1/loaded show it."""
+
+    alias: str
+    variant: str
+    sha256: str
+    memory_bytes: int
+    loaded_at: float
+    expires_at: float | None
+    busy: bool
+    queue_depth: int
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+class ResolvedModel(BaseModel):
+    """What the lifecycle needs to load a model: the chosen variant and its file."""
+
+    alias: str
+    variant: str
+    format: Literal["gguf", "onnx"]
+    quantization: str
+    target: str
+    sha256: str
+    path: str
+    task: Literal["chat", "completion", "embedding"]
+    architecture: str | None = None
+    chat_template: str | None = None
+    context_length: int | None = None
+    estimated_memory: int = Field(ge=0, description="Bytes selection estimated for it.")

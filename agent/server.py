@@ -1,0 +1,140 @@
+"""Listeners: the API Unix socket (or one systemd hands us), optional TCP; peer credentials.
+
+The Unix socket is created here rather than by aiohttp so we control its mode, group and
+stale-file handling, and so every request can read the kernel-verified credentials of
+its connection (SO_PEERCRED) — the identity RBAC builds on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
+SD_LISTEN_FDS_START = 3
+
+
+class ListenerError(Exception):
+    """The socket cannot be set up; the message says what to do."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """Who is on the other end of a Unix socket connection, as the kernel says."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+_UCRED = struct.Struct("3i")
+
+
+def peer_credentials(request: web.BaseRequest) -> PeerCredentials | None:
+    """SO_PEERCRED of the request's connection; None for TCP connections."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return None
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCredentials(pid=pid, uid=uid, gid=gid)
+
+
+def _live_listener(path: Path) -> bool:
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.settimeout(1.0)
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
+            return False
+        raise
+    finally:
+        probe.close()
+    return True
+
+
+def bind_unix_socket(path: Path, *, mode: int = 0o660, group: str | None = None) -> socket.socket:
+    """Create the listening socket: parent 0750, socket `mode`, stale file replaced.
+
+    Refuses if another process is accepting on `path`: two agents must never share a
+    registry by accident.
+    """
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ListenerError(
+            f"socket path {path} is {len(os.fsencode(path))} bytes; the limit is "
+            f"{MAX_SOCKET_PATH} — choose a shorter EDGE_AGENT_SOCKET"
+        )
+    gid = _group_id(group) if group else -1
+    parent = path.parent
+    if not parent.exists():
+        parent.mkdir(parents=True, mode=0o750)
+        os.chmod(parent, 0o750)  # mkdir's mode is masked by umask
+        if gid != -1:
+            os.chown(parent, -1, gid)
+    else:
+        pmode = parent.stat().st_mode
+        if pmode & 0o002 and not pmode & stat.S_ISVTX:
+            raise ListenerError(f"socket directory {parent} is world-writable; use a private one")
+    if path.exists() or path.is_symlink():
+        st = path.lstat()
+        if not stat.S_ISSOCK(st.st_mode):
+            raise ListenerError(f"{path} exists and is not a socket; refusing to replace it")
+        if _live_listener(path):
+            raise ListenerError(f"another edge-agent is already serving on {path}")
+        path.unlink()  # stale: left by a process that died
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o777 & ~mode)
+    try:
+        sock.bind(str(path))
+    except OSError:
+        sock.close()
+        raise
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, mode)
+    if gid != -1:
+        os.chown(path, -1, gid)
+    sock.listen(128)
+    sock.setblocking(False)
+    return sock
+
+
+def _group_id(name: str) -> int:
+    try:
+        return grp.getgrnam(name).gr_gid
+    except KeyError as exc:
+        raise ListenerError(f"socket group {name!r} does not exist") from exc
+
+
+def inherited_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation (LISTEN_FDS), if meant for us."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    count = int(os.environ.get("LISTEN_FDS", "0"))
+    socks = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        s = socket.socket(fileno=fd)
+        s.setblocking(False)
+        socks.append(s)
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    return socks
+
+
+def remove_socket_file(sock: socket.socket, path: Path) -> None:
+    """Unlink our socket file on shutdown, only if it is still ours."""
+    with contextlib.suppress(OSError):
+        bound = sock.getsockname()
+        if bound and Path(bound) == path and path.exists():
+            path.unlink()

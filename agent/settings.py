@@ -1,0 +1,226 @@
+"""Agent settings: pydantic models, one per concern, composed; TOML file + EDGE_AGENT_* env.
+
+Precedence, highest first: environment (`EDGE_AGENT_HOME`, `EDGE_AGENT_RUNTIME__THREADS`),
+then the TOML file (`--config`, `EDGE_AGENT_CONFIG`, else `/etc/edge-agent/agent.toml` if
+it exists), then the defaults here. A bad value raises `SettingsError` whose message is one
+line naming the key, where it came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "EDGE_AGENT_"
+ENV_NESTED = "__"
+DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+
+
+class SettingsError(Exception):
+    """A setting is invalid; `str()` is the one line shown to the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ServerSettings(_Section):
+    """The local API listeners."""
+
+    socket_mode: int = Field(
+        default=0o660, ge=0, le=0o777, description="Permission bits of the API socket file."
+    )
+    socket_group: str | None = Field(
+        default=None, description="Group that owns the socket (apps in it may connect)."
+    )
+    tcp_enabled: bool = Field(
+        default=False, description="Also listen on 127.0.0.1 (requires a bearer token)."
+    )
+    tcp_port: int = Field(default=11435, ge=1, le=65535, description="Port of the TCP listener.")
+    max_body_bytes: int = Field(
+        default=1_048_576, ge=1024, description="Largest request body accepted (413 above)."
+    )
+    shutdown_grace_seconds: float = Field(
+        default=10.0, ge=0, description="How long in-flight requests may finish on SIGTERM."
+    )
+
+
+class RuntimeSettings(_Section):
+    """Model loading, memory and concurrency."""
+
+    threads: int | None = Field(
+        default=None, ge=1, description="Inference threads; default: physical cores."
+    )
+    keep_alive_seconds: float = Field(
+        default=300.0, ge=0, description="Unload a model this long after its last request."
+    )
+    memory_fraction: float = Field(
+        default=0.5, gt=0, le=1, description="Share of RAM loaded models may use in total."
+    )
+    memory_budget_bytes: int | None = Field(
+        default=None, ge=0, description="Absolute cap on loaded models' memory (overrides fraction)."
+    )
+    max_loaded_models: int = Field(default=2, ge=1, description="Most models loaded at once.")
+    queue_size: int = Field(
+        default=8, ge=0, description="Requests that may wait per model before 429."
+    )
+    context_length: int = Field(
+        default=4096, ge=128, description="Context window to load models with (capped by the model)."
+    )
+
+
+class SelectionSettings(_Section):
+    """Variant selection."""
+
+    policy_file: Path | None = Field(
+        default=None,
+        description="Selection policy YAML; default: the packaged policies/selection.yaml.",
+    )
+
+
+class LoggingSettings(_Section):
+    """Logs go to stderr (journald under systemd)."""
+
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="Minimum level logged."
+    )
+    json_format: bool = Field(default=False, description="One JSON object per log line.")
+    log_content: bool = Field(
+        default=False, description="Log prompt and completion text (off: privacy by default)."
+    )
+
+
+class Settings(BaseSettings):
+    """All settings of the agent, composed from one model per concern."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    home: Path = Field(
+        default=Path("/var/lib/edge-agent"),
+        description="State directory: registry database, model store, keys.",
+    )
+    socket: Path = Field(
+        default=Path("/run/edge-agent/agent.sock"), description="Path of the API Unix socket."
+    )
+    server: ServerSettings = Field(default_factory=ServerSettings, description="API listeners.")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Inference.")
+    selection: SelectionSettings = Field(
+        default_factory=SelectionSettings, description="Variant selection."
+    )
+    logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment must override it.
+        return (env_settings, init_settings)
+
+    @property
+    def db_path(self) -> Path:
+        return self.home / "registry.db"
+
+    @property
+    def store_dir(self) -> Path:
+        return self.home / "store"
+
+
+def config_path(explicit: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:
+    """Which TOML file applies: --config, then EDGE_AGENT_CONFIG, then the system default."""
+    env = os.environ if environ is None else environ
+    if explicit is not None:
+        return explicit
+    if env.get(f"{ENV_PREFIX}CONFIG"):
+        return Path(env[f"{ENV_PREFIX}CONFIG"])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from the TOML file (if any) and the environment."""
+    env = os.environ if environ is None else environ
+    path = config_path(config, env)
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+    # pydantic-settings reads os.environ; honour an explicit mapping (tests) by swapping it.
+    saved = None
+    if environ is not None:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update({k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)})
+    try:
+        # "config" selects the file; it is not itself a setting.
+        return Settings(**data)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc, path, env)) from exc
+    finally:
+        if saved is not None:
+            os.environ.clear()
+            os.environ.update(saved)
+
+
+def _describe(exc: ValidationError, path: Path | None, env: Mapping[str, str]) -> str:
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc)
+    env_name = ENV_PREFIX + ENV_NESTED.join(p.upper() for p in loc)
+    if env_name in env or (len(loc) > 1 and f"{ENV_PREFIX}{loc[0].upper()}" in env):
+        source = f"environment {env_name}"
+    elif path is not None:
+        source = f"config file {path}"
+    else:
+        source = "defaults"
+    if err["type"] == "extra_forbidden":
+        allowed = _known_keys(loc[:-1])
+        return f"unknown setting {key} in {source}; allowed here: {', '.join(allowed)}"
+    return f"invalid setting {key} in {source}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _known_keys(prefix: list[str]) -> list[str]:
+    model: type[BaseModel] = Settings
+    for part in prefix:
+        field = model.model_fields.get(part)
+        ann = field.annotation if field else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return sorted(model.model_fields)
+
+
+def iter_setting_keys() -> list[tuple[str, str, str]]:
+    """Every leaf setting as (dotted key, env var, description), for docs and tests."""
+    out: list[tuple[str, str, str]] = []
+
+    def walk(model: type[BaseModel], prefix: list[str]) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, [*prefix, name])
+                continue
+            loc = [*prefix, name]
+            env = ENV_PREFIX + ENV_NESTED.join(p.upper() for p in loc)
+            out.append((".".join(loc), env, field.description or ""))
+
+    walk(Settings, [])
+    return out

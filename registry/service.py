@@ -1,0 +1,410 @@
+"""Registry operations: import, list, show, remove and pull models, over the DB and store.
+
+One writer at a time: every change holds an exclusive `flock` on `<home>/registry.lock`
+(processes, not threads, are the unit: the daemon and the CLI may both write). A model in
+use is one whose blob some process holds a shared `flock` on (`lease()`); the kernel
+drops it when that process dies, so a crash never leaves a model stuck "in use".
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from registry.db import Database, open_database
+from registry.errors import InvalidModelFile, ModelInUse, ModelNotFound, RegistryError
+from registry.importers import FileMetadata, read_metadata
+from registry.schema import Artifact, Model, ModelEvent, Variant
+from registry.store import BlobStore
+from registry.types import Task, VariantSpec, bits_per_weight
+
+ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+Progress = Callable[[int], None]
+
+
+class AliasConflict(RegistryError):
+    """The alias already names a different file of the same variant."""
+
+
+def check_alias(alias: str) -> str:
+    if not ALIAS_RE.fullmatch(alias):
+        raise RegistryError(
+            f"invalid alias {alias!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', "
+            "starting with a letter or digit"
+        )
+    return alias
+
+
+class VariantInfo(BaseModel):
+    """A variant as shown by `models show` and the agent API."""
+
+    model_config = ConfigDict(from_attributes=True)
+
+    name: str
+    format: str
+    quantization: str
+    bits_per_weight: float | None
+    target: str
+    runtime_requirement: str | None
+    file_size: int | None
+    sha256: str | None
+    estimated_memory: int | None
+    has_chat_template: bool
+    details: dict[str, Any]
+
+
+class ModelInfo(BaseModel):
+    """A model as shown by `models list/show` and the agent API."""
+
+    alias: str
+    family: str | None
+    architecture: str | None
+    task: str
+    parameter_count: int | None
+    context_length: int | None
+    license: str | None
+    source: str
+    created_at: datetime
+    variants: list[VariantInfo]
+
+
+class EventInfo(BaseModel):
+    time: datetime
+    kind: str
+    details: dict[str, Any]
+
+
+class ImportResult(BaseModel):
+    model: ModelInfo
+    variant: str
+    sha256: str
+    created: bool
+
+
+def _variant_info(v: Variant) -> VariantInfo:
+    return VariantInfo(
+        name=v.name,
+        format=v.format,
+        quantization=v.quantization,
+        bits_per_weight=v.bits_per_weight,
+        target=v.target,
+        runtime_requirement=v.runtime_requirement,
+        file_size=v.file_size,
+        sha256=v.sha256,
+        estimated_memory=v.estimated_memory,
+        has_chat_template=bool(v.chat_template),
+        details=dict(v.details),
+    )
+
+
+def _model_info(m: Model) -> ModelInfo:
+    return ModelInfo(
+        alias=m.alias,
+        family=m.family,
+        architecture=m.architecture,
+        task=m.task,
+        parameter_count=m.parameter_count,
+        context_length=m.context_length,
+        license=m.license,
+        source=m.source,
+        created_at=m.created_at,
+        variants=[_variant_info(v) for v in m.variants],
+    )
+
+
+def variant_name(fmt: str, quantization: str, target: str = "cpu") -> str:
+    return f"{fmt}-{quantization.lower()}-{target}"
+
+
+class Registry:
+    """The model registry of one state directory (`home`)."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        home.mkdir(parents=True, exist_ok=True, mode=0o750)
+        self.db: Database = open_database(home / "registry.db")
+        self.store = BlobStore(home / "store")
+        self._lock_path = home / "registry.lock"
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- locking ---------------------------------------------------------------------
+
+    @contextmanager
+    def writer(self) -> Iterator[None]:
+        """Exclusive across processes for the duration of one change."""
+        fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o640)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def recover(self) -> list[str]:
+        """Drop what an interrupted import left: temp files and blobs no record names."""
+        with self.writer():
+            self.store.cleanup_tmp()
+            return self.store.gc(self._referenced())
+
+    def _referenced(self) -> set[str]:
+        with self.db.session() as s:
+            return {sha for (sha,) in s.execute(select(Artifact.sha256))}
+
+    @contextmanager
+    def lease(self, sha256: str) -> Iterator[Path]:
+        """Hold a model's blob in use (shared lock) while it is loaded."""
+        path = self.store.path(sha256)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield path
+        finally:
+            os.close(fd)
+
+    def blob_in_use(self, sha256: str) -> bool:
+        path = self.store.path(sha256)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    # -- reads -----------------------------------------------------------------------
+
+    def list_models(self) -> list[ModelInfo]:
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(Model).options(selectinload(Model.variants)).order_by(Model.alias)
+            )
+            return [_model_info(m) for m in rows]
+
+    def get(self, alias: str) -> ModelInfo:
+        with self.db.session() as s:
+            return _model_info(self._model(s, alias))
+
+    def aliases(self) -> list[str]:
+        with self.db.session() as s:
+            return list(s.scalars(select(Model.alias).order_by(Model.alias)))
+
+    def events(self, alias: str) -> list[EventInfo]:
+        with self.db.session() as s:
+            rows = s.scalars(
+                select(ModelEvent).where(ModelEvent.alias == alias).order_by(ModelEvent.id)
+            )
+            return [EventInfo(time=e.time, kind=e.kind, details=dict(e.details)) for e in rows]
+
+    def chat_template(self, alias: str, variant: str) -> str | None:
+        with self.db.session() as s:
+            m = self._model(s, alias)
+            v = next((v for v in m.variants if v.name == variant), None)
+            return v.chat_template if v else None
+
+    def variant_specs(self, alias: str) -> list[VariantSpec]:
+        """The installed variants of a model, as selection reads them."""
+        with self.db.session() as s:
+            m = self._model(s, alias)
+            return [
+                VariantSpec(
+                    model_alias=m.alias,
+                    name=v.name,
+                    format=v.format,  # type: ignore[arg-type]
+                    quantization=v.quantization,
+                    bits_per_weight=v.bits_per_weight,
+                    target=v.target,
+                    runtime_requirement=v.runtime_requirement,
+                    file_size=v.file_size,
+                    sha256=v.sha256,
+                    parameter_count=m.parameter_count,
+                    context_length=m.context_length,
+                    n_layers=v.details.get("n_layers"),
+                    n_embd=v.details.get("n_embd"),
+                    n_head=v.details.get("n_head"),
+                    n_head_kv=v.details.get("n_head_kv"),
+                    native=bool(v.details.get("native", False)),
+                    installed=v.sha256 is not None,
+                )
+                for v in m.variants
+            ]
+
+    def record_event(self, alias: str, kind: str, **details: Any) -> None:
+        with self.db.session() as s:
+            s.add(ModelEvent(alias=alias, kind=kind, details=details))
+
+    @staticmethod
+    def _model(s: Session, alias: str) -> Model:
+        m = s.scalar(
+            select(Model).where(Model.alias == alias).options(selectinload(Model.variants))
+        )
+        if m is None:
+            known = list(s.scalars(select(Model.alias).order_by(Model.alias)))
+            hint = f"installed: {', '.join(known)}" if known else "no models are installed"
+            raise ModelNotFound(f"no model named {alias!r} ({hint})")
+        return m
+
+    # -- writes ----------------------------------------------------------------------
+
+    def import_file(
+        self,
+        path: Path,
+        *,
+        alias: str | None = None,
+        move: bool = False,
+        progress: Progress | None = None,
+        expected_sha256: str | None = None,
+        task: Task | None = None,
+        family: str | None = None,
+        license: str | None = None,
+        source: str = "import",
+    ) -> ImportResult:
+        """Verify a model file, store it by content and record it; a repeat is a no-op."""
+        if not path.is_file():
+            raise InvalidModelFile(f"{path}: no such file")
+        meta = read_metadata(path)  # refuses anything that is not a valid GGUF/ONNX
+        alias = check_alias(alias or meta.suggested_alias(path.name))
+        if meta.external_data:
+            raise InvalidModelFile(
+                f"{path} keeps its weights in side files ({', '.join(meta.external_data)}); "
+                "re-export it as a single .onnx file to import it"
+            )
+        if task is None and meta.suggested_task() is None:
+            raise InvalidModelFile(
+                f"{path}: cannot tell from the file whether it is a chat, completion or "
+                "embedding model; pass --task"
+            )
+        with self.writer():
+            blob = self.store.ingest(
+                path, move=move, expected_sha256=expected_sha256, progress=progress
+            )
+            return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source)
+
+    def _record(
+        self,
+        meta: FileMetadata,
+        sha256: str,
+        size: int,
+        alias: str,
+        task: Task | None,
+        family: str | None,
+        license: str | None,
+        source: str,
+    ) -> ImportResult:
+        name = variant_name(meta.format, meta.quantization)
+        with self.db.session() as s:
+            model = s.scalar(
+                select(Model).where(Model.alias == alias).options(selectinload(Model.variants))
+            )
+            existing = next((v for v in model.variants if v.name == name), None) if model else None
+            if model is not None and existing is not None:
+                if existing.sha256 == sha256:
+                    return ImportResult(
+                        model=_model_info(model), variant=name, sha256=sha256, created=False
+                    )
+                raise AliasConflict(
+                    f"{alias} already has a {name} variant from another file "
+                    f"(sha256 {existing.sha256}); choose another --alias or "
+                    f"`edge-agent models rm {alias}` first"
+                )
+            if s.get(Artifact, sha256) is None:
+                s.add(Artifact(sha256=sha256, size=size, state="present"))
+            if model is None:
+                model = Model(
+                    alias=alias,
+                    family=family or meta.architecture,
+                    architecture=meta.architecture,
+                    task=task or meta.suggested_task() or "completion",
+                    parameter_count=meta.parameter_count,
+                    context_length=meta.context_length,
+                    license=license or meta.license,
+                    source=source,
+                    variants=[],
+                )
+                s.add(model)
+            model.variants.append(
+                Variant(
+                    name=name,
+                    format=meta.format,
+                    quantization=meta.quantization,
+                    bits_per_weight=meta.bits_per_weight or bits_per_weight(meta.quantization),
+                    target="cpu",
+                    file_size=size,
+                    sha256=sha256,
+                    chat_template=meta.chat_template,
+                    details=_details(meta),
+                )
+            )
+            s.add(ModelEvent(alias=alias, kind="imported", details={"variant": name, "sha256": sha256}))
+            s.flush()
+            return ImportResult(model=_model_info(model), variant=name, sha256=sha256, created=True)
+
+    def remove(
+        self, alias: str, *, force: bool = False, in_use: Callable[[str], bool] | None = None
+    ) -> list[str]:
+        """Forget a model; delete blobs nothing else references. Returns removed blobs."""
+        with self.writer():
+            with self.db.session() as s:
+                model = self._model(s, alias)
+                shas = {v.sha256 for v in model.variants if v.sha256}
+                busy = (in_use is not None and in_use(alias)) or any(
+                    self.blob_in_use(sha) for sha in shas
+                )
+                if busy and not force:
+                    raise ModelInUse(
+                        f"{alias} is in use (loaded by a running agent); unload it first "
+                        "or pass --force"
+                    )
+                s.delete(model)
+                s.flush()
+                still_used = set(
+                    s.scalars(select(Variant.sha256).where(Variant.sha256.in_(shas)))
+                )
+                orphans = sorted(shas - still_used)
+                for sha in orphans:
+                    art = s.get(Artifact, sha)
+                    if art is not None:
+                        s.delete(art)
+                s.add(ModelEvent(alias=alias, kind="removed", details={"forced": busy}))
+            for sha in orphans:
+                self.store.remove(sha)
+            return orphans
+
+
+def _details(meta: FileMetadata) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "n_layers": meta.n_layers,
+        "n_embd": meta.n_embd,
+        "n_head": meta.n_head,
+        "n_head_kv": meta.n_head_kv,
+        "key_length": meta.key_length,
+        "value_length": meta.value_length,
+        "name": meta.name,
+    }
+    if meta.format == "onnx":
+        d["opset"] = meta.opset
+        d["inputs"] = [io.model_dump() for io in meta.onnx_inputs]
+        d["outputs"] = [io.model_dump() for io in meta.onnx_outputs]
+        d["weight_types"] = dict(meta.weight_types)
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def open_registry(home: Path) -> Registry:
+    """Open the registry under `home`, migrating and recovering from interrupted imports."""
+    reg = Registry(home)
+    reg.recover()
+    return reg
