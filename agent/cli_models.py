@@ -163,4 +163,4 @@ def select(ctx: Context, alias: str, explain: bool, root: Path | None, as_json: 
     click.echo(f"{alias}: {sel.chosen.name} ({sel.chosen.quantization} on {sel.chosen.target})")
     if explain:
         for c in sel.candidates:
-            click.echo(f"  {c.variant.name:<32} {c.verdict:<10} {'; '.join(c.reasons)}")
+X

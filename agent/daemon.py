@@ -13,9 +13,14 @@ from pathlib import Path
 from aiohttp import web
 
 from agent.app import create_app
-from agent.server import bind_unix_socket, inherited_sockets, remove_socket_file
+from agent.server import (
+    bind_unix_socket,
+    inherited_sockets,
+    remove_socket_file,
+    socket_identity,
+)
 from agent.settings import LoggingSettings, Settings
-from agent.state import STATE
+from agent.state import STATE, AgentState
 from agent.systemd import notify, watchdog_interval, watchdog_loop
 
 log = logging.getLogger("agent")
@@ -44,7 +49,8 @@ def configure_logging(cfg: LoggingSettings) -> None:
     root.handlers[:] = [handler]
     root.setLevel(cfg.level.upper())
     # aiohttp's access log would print every path at INFO; keep it at debug level.
-    logging.getLogger("aiohttp.access").setLevel(
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("agent.http").setLevel(
         logging.DEBUG if cfg.level == "debug" else logging.WARNING
     )
 
@@ -57,19 +63,20 @@ def serve(settings: Settings) -> int:
         bind_unix_socket(settings.socket, mode=settings.server.socket_mode,
                          group=settings.server.socket_group)
     ]
+    identity = None if inherited else socket_identity(settings.socket)
     try:
         app = create_app(settings)
         asyncio.run(_run(app, socks, settings))
     finally:
-        if not inherited:
-            remove_socket_file(socks[0], settings.socket)
+        if identity is not None:
+            remove_socket_file(settings.socket, identity)
     return 0
 
 
 async def _run(app: web.Application, socks: list, settings: Settings) -> None:  # type: ignore[type-arg]
     grace = settings.server.shutdown_grace_seconds
     runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=grace, access_log=log.getChild("access"))
+                           shutdown_timeout=grace, access_log=log.getChild("http"))
     await runner.setup()
     for sock in socks:
         await web.SockSite(runner, sock, shutdown_timeout=grace).start()
@@ -90,9 +97,21 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
     await stop.wait()
     notify("STOPPING=1")
     log.info("stopping: finishing in-flight requests (grace %.0fs)", grace)
-    app[STATE].stopping = True
+    state = app[STATE]
+    state.stopping = True
+    # Generations still running near the end of the grace period are ended by the agent,
+    # so their clients get a final event instead of a cut connection.
+    ender = asyncio.create_task(_end_generations(state, grace * 0.8), name="end-generations")
     if watchdog is not None:
         watchdog.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await watchdog
     await runner.cleanup()
+    ender.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await ender
+
+
+async def _end_generations(state: AgentState, after: float) -> None:
+    await asyncio.sleep(after)
+    await state.manager.close(0)

@@ -132,9 +132,14 @@ def inherited_sockets() -> list[socket.socket]:
     return socks
 
 
-def remove_socket_file(sock: socket.socket, path: Path) -> None:
-    """Unlink our socket file on shutdown, only if it is still ours."""
+def socket_identity(path: Path) -> tuple[int, int]:
+    """(device, inode) of the socket file we bound, to recognise it at exit."""
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def remove_socket_file(path: Path, identity: tuple[int, int]) -> None:
+    """Unlink our socket file on shutdown, only if it is still the one we created."""
     with contextlib.suppress(OSError):
-        bound = sock.getsockname()
-        if bound and Path(bound) == path and path.exists():
+        if socket_identity(path) == identity:
             path.unlink()

@@ -46,8 +46,6 @@ __all__ = [
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-# VariantSpec gains a head_dim field in a later change; until then the catalog keeps it.
-_SPEC_HAS_HEAD_DIM = "head_dim" in VariantSpec.model_fields
 
 
 class CatalogError(RegistryError):
@@ -179,7 +177,6 @@ class CatalogModel(_Frozen):
 
     def spec(self, variant: CatalogVariant, *, installed: bool = False) -> VariantSpec:
         """`variant` as selection sees it."""
-        extra: dict[str, int | None] = {"head_dim": self.head_dim} if _SPEC_HAS_HEAD_DIM else {}
         return VariantSpec(
             model_alias=self.alias,
             name=variant.name,
@@ -196,9 +193,9 @@ class CatalogModel(_Frozen):
             n_embd=self.n_embd,
             n_head=self.n_head,
             n_head_kv=self.n_head_kv,
+            head_dim=self.head_dim,
             native=variant.native,
             installed=installed,
-            **extra,
         )
 
     def specs(self) -> tuple[VariantSpec, ...]:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from functools import cached_property
 from pathlib import Path
-from typing import Literal, NamedTuple, Self
+from typing import Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
@@ -35,7 +35,6 @@ from pydantic import (
     PrivateAttr,
     computed_field,
     field_validator,
-    model_validator,
 )
 
 from registry import errors
@@ -101,7 +100,6 @@ _DEFAULT_EP: dict[str, str] = {
     "npu-amd-xdna": "VitisAIExecutionProvider",
     "npu-rockchip-rknpu": "RknpuExecutionProvider",
 }
-_SPEC_HAS_HEAD_DIM = "head_dim" in VariantSpec.model_fields
 
 
 # ----------------------------------------------------------------------------- policy
@@ -158,7 +156,7 @@ class QuantizationPolicy(_Strict):
 
     default: QuantizationRule = Field(
         default=QuantizationRule(allow=("*",), forbid=()),
-        description="Rule for models no entry of `models` matches.",
+        description="Rule for models no entry of `models` matches (unset: allow all, forbid none).",
     )
     models: dict[str, QuantizationRule] = Field(
         default_factory=dict,
@@ -167,12 +165,6 @@ class QuantizationPolicy(_Strict):
             "else the longest matching glob; unset fields inherit from `default`."
         ),
     )
-
-    @model_validator(mode="after")
-    def _default_complete(self) -> Self:
-        if self.default.allow is None or self.default.forbid is None:
-            raise ValueError("quantizations.default must set both allow and forbid")
-        return self
 
 
 class SelectionPolicy(_Strict):
@@ -290,10 +282,6 @@ def _kv_elements_per_token(
     return per_token_f16 / 2
 
 
-def _head_dim(v: VariantSpec) -> int | None:
-    return v.__dict__.get("head_dim") if _SPEC_HAS_HEAD_DIM else None
-
-
 def estimate_memory(v: VariantSpec, policy: SelectionPolicy) -> MemoryEstimate | None:
     """The estimate selection uses for `v`, broken down; None when it cannot be estimated.
 
@@ -311,7 +299,7 @@ def estimate_memory(v: VariantSpec, policy: SelectionPolicy) -> MemoryEstimate |
     if not ctx or ctx > policy.context_length:
         ctx = policy.context_length
     per_token = _kv_elements_per_token(
-        v.n_layers, v.n_embd, v.n_head, v.n_head_kv, _head_dim(v), v.parameter_count, size, bpw
+        v.n_layers, v.n_embd, v.n_head, v.n_head_kv, v.head_dim, v.parameter_count, size, bpw
     )
     kv = per_token * ctx * KV_BYTES_PER_ELEMENT[policy.kv_cache_type]
     mem = policy.memory
@@ -491,8 +479,7 @@ def _judge_device(
             return out(f"needs {name}, none detected")
         present = True
         if not gpu.integrated and gpu.memory_bytes is not None:
-            budget = max(0, gpu.memory_bytes - policy.memory.gpu_headroom_bytes)
-            label = "GPU budget"
+            budget, label = memory_budget(profile, policy, target), "GPU budget"
         if fmt == "gguf":
             rt = profile.runtimes
             if not rt.llama_gpu_offload:
@@ -523,11 +510,13 @@ def _judge_device(
 # (device rank, below min_quality, preference a, preference b, not installed, estimate,
 #  model alias, variant name): smaller sorts first
 _Key = tuple[int, bool, float, float, bool, int, str, str]
-_Rejection = tuple[int, int, str | None, _Device]  # (index, estimate, reason, device)
+# (index, estimate if computed, reason (None: over budget), device)
+_Rejection = tuple[int, int | None, str | None, _Device]
 
 
-# What the hot loop needs per (format, target, requirement, alias, quantization, native):
-# (rejection, device, device rank, budget, comfortable bytes, quality, below floor, table bpw)
+# What the hot loop needs per (format, target, requirement, quantization, native, policy
+# rule): (rejection, device, device rank, budget, comfortable bytes, quality, below floor,
+# bits per weight from the table)
 _Combo = tuple[str | None, _Device, int, int, float, int, bool, float | None]
 
 
@@ -549,22 +538,38 @@ def _combo(
     return (reason, dev, dev.rank, dev.budget, share * dev.budget, quality, quality < floor, bpw)
 
 
+def _rank_key(
+    prefer: Preference, c: _Combo, est: int, bpw: float | None, installed: bool, alias: str,
+    name: str,
+) -> _Key:
+    """The sort key of a variant that fits (docs/selection.md §4); smaller wins."""
+    quality = c[5]
+    a: float
+    b: float
+    if prefer == "balanced":
+        a, b = (0, -quality) if est <= c[4] else (1, est)
+    elif prefer == "quality":
+        a, b = -quality, bpw or 99.0
+    else:
+        a, b = bpw or 99.0, -quality
+    return (c[2], c[6], a, b, not installed, est, alias, name)
+
+
 class _QuantRules:
     """Policy quantization rules: each alias resolves to one rule, identified by an index."""
 
     def __init__(self, policy: QuantizationPolicy) -> None:
-        default = policy.default
+        d_allow = policy.default.allow if policy.default.allow is not None else ("*",)
+        d_forbid = policy.default.forbid or ()
         self._exact: dict[str, int] = {}
         self._globs: list[tuple[str, int]] = []
-        self.rules: list[tuple[tuple[str, ...], tuple[str, ...]]] = [
-            (default.allow or (), default.forbid or ())
-        ]
+        self.rules: list[tuple[tuple[str, ...], tuple[str, ...]]] = [(d_allow, d_forbid)]
         # longest (most specific) glob first; ties by text so YAML order never matters
         for key in sorted(policy.models, key=lambda k: (-len(k), k)):
             r = policy.models[key]
-            allow = r.allow if r.allow is not None else default.allow
-            forbid = r.forbid if r.forbid is not None else default.forbid
-            self.rules.append((allow or (), forbid or ()))
+            allow = r.allow if r.allow is not None else d_allow
+            forbid = r.forbid if r.forbid is not None else d_forbid
+            self.rules.append((allow, forbid))
             if _is_glob(key):
                 self._globs.append((key, len(self.rules) - 1))
             else:
@@ -595,7 +600,7 @@ def _is_glob(s: str) -> bool:
 _HOT_FIELDS = operator.itemgetter(
     "format", "target", "runtime_requirement", "model_alias", "quantization", "native",
     "estimated_memory", "file_size", "bits_per_weight", "parameter_count", "context_length",
-    "n_layers", "n_embd", "n_head", "n_head_kv", "installed", "name",
+    "n_layers", "n_embd", "n_head", "n_head_kv", "head_dim", "installed", "name",
 )
 
 
@@ -633,13 +638,17 @@ def select(
     no_estimate = "cannot estimate memory: no file size and no parameter count"
     fields = _HOT_FIELDS
 
-    viable: list[tuple[_Key, int]] = []
+    viable: list[int] = []  # indices; plain ints keep the loop allocation-light
+    viable_est: list[int] = []
+    best_key: _Key | None = None
+    best_i = -1
+    best_rank, best_below = len(policy.device_order) + 1, True
     rejected: list[_Rejection] = []
     smallest: tuple[int, int] | None = None  # (estimate, budget) of memory-only rejections
 
     for i, v in enumerate(variants):
         (fmt, target, req, alias, quant, native, est, size, bpw, params, vctx,
-         layers, embd, heads, kv_heads, installed, vname) = fields(v.__dict__)
+         layers, embd, heads, kv_heads, head_dim, installed, vname) = fields(v.__dict__)
         rule = alias_rules.get(alias) if per_alias else 0
         if rule is None:
             rule = alias_rules[alias] = rules.index(alias)
@@ -647,7 +656,10 @@ def select(
         c = combos.get(ckey)
         if c is None:
             c = combos[ckey] = _combo(ckey, devices, judge, rules, floor, share)
-        reason, dev, rank, budget, comfortable, quality, below, table_bpw = c
+        reason, dev, rank, budget, _, _, below, table_bpw = c
+        if reason is not None:  # its estimate is only for the explanation: computed there
+            rejected.append((i, None, reason, dev))
+            continue
         if not bpw:
             bpw = table_bpw
         if est is None:
@@ -656,40 +668,40 @@ def select(
             if size is None:
                 est = -1
             else:
-                head_dim = _head_dim(v) if _SPEC_HAS_HEAD_DIM else None
-                if layers and embd and heads and head_dim is None:
-                    per_token = 2 * layers * (kv_heads or heads) * (embd // heads)
+                width = head_dim or (embd // heads if embd and heads else 0)
+                kvh = kv_heads or heads
+                if layers and width and kvh:  # the common case of _kv_elements_per_token
+                    per_token = 2 * layers * kvh * width
                 else:
                     per_token = _kv_elements_per_token(
                         layers, embd, heads, kv_heads, head_dim, params, size, bpw
                     )
                 ctx = vctx if vctx and vctx < context else context
                 est = int(size * overhead_share + overhead_fixed + per_token * ctx * kv_bytes)
-        if reason is not None or est < 0:
-            rejected.append((i, est, reason or no_estimate, dev))
+        if est < 0:
+            rejected.append((i, None, no_estimate, dev))
             continue
         if est > budget:
             rejected.append((i, est, None, dev))
             if smallest is None or est < smallest[0]:
                 smallest = (est, budget)
             continue
-        a: float
-        b: float
-        if prefer == "balanced":
-            if est <= comfortable:
-                a, b = 0, -quality
-            else:
-                a, b = 1, est
-        elif prefer == "quality":
-            a, b = -quality, bpw or 99.0
-        else:
-            a, b = bpw or 99.0, -quality
-        viable.append(((rank, below, a, b, not installed, est, alias, vname), i))
+        viable.append(i)
+        viable_est.append(est)
+        # the full key only for candidates that can still win on device and quality floor
+        if rank < best_rank or (rank == best_rank and below <= best_below):
+            key = _rank_key(prefer, c, est, bpw, installed, alias, vname)
+            if best_key is None or key < best_key:
+                best_key, best_i, best_rank, best_below = key, i, rank, below
 
     def build() -> list[Candidate]:
-        return _explain(variants, viable, rejected, devices, policy)
+        return _explain(variants, viable, viable_est, rejected, combo_of, devices, policy)
 
-    if not viable:
+    def combo_of(v: VariantSpec) -> _Combo:
+        rule = alias_rules[v.model_alias] if per_alias else 0
+        return combos[(v.format, v.target, v.runtime_requirement, v.quantization, v.native, rule)]
+
+    if best_key is None:
         aliases = {v.model_alias for v in variants}
         name = model_alias or (aliases.pop() if len(aliases) == 1 else "the model")
         raise NoVariantFits(
@@ -698,7 +710,6 @@ def select(
             budget=smallest[1] if smallest else None,
             build=build,
         )
-    best_key, best_i = min(viable)
     chosen = variants[best_i]
     sel = Selection(
         model_alias=model_alias or chosen.model_alias,
@@ -737,13 +748,21 @@ def _device_for(
 
 def _explain(
     variants: Sequence[VariantSpec],
-    viable: list[tuple[_Key, int]],
+    viable: list[int],
+    viable_est: list[int],
     rejected: list[_Rejection],
+    combo_of: Callable[[VariantSpec], _Combo],
     devices: dict[tuple[str, str, str | None], _Device],
     policy: SelectionPolicy,
 ) -> list[Candidate]:
     """Every candidate with verdict and reasons: chosen, ranked by key, rejected by name."""
-    ranked = sorted(viable)
+    ranked: list[tuple[_Key, int]] = []
+    for i, est in zip(viable, viable_est, strict=True):
+        v = variants[i]
+        c = combo_of(v)
+        ranked.append((_rank_key(policy.prefer, c, est, v.bits_per_weight or c[7],
+                                 v.installed, v.model_alias, v.name), i))
+    ranked.sort()
     out: list[Candidate] = []
     mk = Candidate.model_construct
     if ranked:
@@ -763,14 +782,20 @@ def _explain(
                 variant=v, verdict="ranked", rank=n, device=dev.cls, estimated_memory=key[5],
                 budget=dev.budget, reasons=_ranked_reasons(v, key, dev, chosen, ckey, cdev, policy),
             ))
-    for i, est, reason, dev in sorted(
-        rejected, key=lambda r: (variants[r[0]].model_alias, variants[r[0]].name, r[1])
-    ):
+    def by_name(r: _Rejection) -> tuple[str, str, str, str, str]:
+        v = variants[r[0]]
+        return (v.model_alias, v.name, v.format, v.target, v.quantization)
+
+    for i, r_est, reason, dev in sorted(rejected, key=by_name):
+        v = variants[i]
+        if r_est is None:
+            estimate = estimate_memory(v, policy)
+            r_est = estimate.total if estimate is not None else None
         if reason is None:
-            reason = f"{_size(est)} estimated > {_size(dev.budget)} {dev.budget_label}"
+            reason = f"{_size(r_est or 0)} estimated > {_size(dev.budget)} {dev.budget_label}"
         out.append(mk(
-            variant=variants[i], verdict="rejected", rank=None, device=dev.cls,
-            estimated_memory=est if est >= 0 else None, budget=dev.budget, reasons=(reason,),
+            variant=v, verdict="rejected", rank=None, device=dev.cls,
+            estimated_memory=r_est, budget=dev.budget, reasons=(reason,),
         ))
     return out
 
@@ -811,7 +836,7 @@ def _chosen_reasons(
     if dev.cls != "cpu":
         reasons.append(f"runs on {v.target}; {dev.cls} comes first in device order")
     passed = sorted(
-        (variants[i].name, r or f"{_size(est)} estimated > {_size(d.budget)} {d.budget_label}")
+        (variants[i].name, r or f"{_size(est or 0)} estimated > {_size(d.budget)} {d.budget_label}")
         for i, est, r, d in rejected
         if d.rank < dev.rank and d.present
     )

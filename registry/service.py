@@ -237,6 +237,7 @@ class Registry:
                     n_embd=v.details.get("n_embd"),
                     n_head=v.details.get("n_head"),
                     n_head_kv=v.details.get("n_head_kv"),
+                    head_dim=v.details.get("key_length"),
                     native=bool(v.details.get("native", False)),
                     installed=v.sha256 is not None,
                 )

@@ -95,6 +95,9 @@ class VariantSpec(BaseModel):
     n_embd: int | None = Field(default=None, ge=0)
     n_head_kv: int | None = Field(default=None, ge=0)
     n_head: int | None = Field(default=None, ge=0)
+    head_dim: int | None = Field(
+        default=None, ge=0, description="Per-head width when it is not n_embd / n_head."
+    )
     native: bool = Field(default=False, description="Model was trained at this precision.")
     installed: bool = Field(default=False, description="Its file is in the local store.")
     estimated_memory: int | None = Field(

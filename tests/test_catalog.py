@@ -79,6 +79,9 @@ def test_architecture_facts_are_consistent() -> None:
         assert m.n_layers and m.n_embd and m.n_head and m.n_head_kv, m.alias
         assert m.n_head % m.n_head_kv == 0, m.alias  # grouped-query attention groups
         assert m.parameter_count > 0 and m.context_length > 0
+    # head_dim is the published one where it is not n_embd / n_head
+    assert load_catalog().get("qwen3-0.6b").specs()[0].head_dim == 128  # 1024 / 16 = 64
+    assert load_catalog().get("gemma3-270m").specs()[0].head_dim == 256  # 640 / 4 = 160
 
 
 def test_bitnet_variants_are_native_ternary() -> None:
@@ -269,7 +272,8 @@ def test_duplicate_alias_rejected(tmp_path: Path) -> None:
 
 
 def test_unknown_catalog_field_rejected(tmp_path: Path) -> None:
-    path = _write(tmp_path, (_MODEL % "Q4_0").replace("license: MIT", "license: MIT\n    lisense: x"))
+    text = (_MODEL % "Q4_0").replace("license: MIT", "license: MIT\n    lisense: x")
+    path = _write(tmp_path, text)
     with pytest.raises(CatalogError, match=r":9: models\.0\.lisense: Extra inputs"):
         load_yaml_model(path, Catalog)
 

@@ -10,7 +10,6 @@ import gguf
 import pytest
 from conftest_models import (
     SMOLLM2_SIZE,
-    assemble_gemma3_gguf,
     gguf_header_bytes,
     gguf_str,
     make_empty_file,
@@ -28,11 +27,6 @@ from registry.importers import FileMetadata, ftype_name, read_metadata, slugify
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 U8, U32, STRING, ARRAY = 0, 4, 8, 9
-
-
-@pytest.fixture(scope="session")
-def gemma3_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return assemble_gemma3_gguf(tmp_path_factory.mktemp("gemma3"))
 
 
 def invalid(path: Path) -> str:

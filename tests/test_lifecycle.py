@@ -28,7 +28,7 @@ from agent.runtime.types import (
 from agent.settings import RuntimeSettings
 from registry.errors import ModelNotFound
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(60)]
 
 T = TypeVar("T")
 MB = 1_048_576
@@ -92,7 +92,7 @@ class Watched:
         try:
             for i, chunk in enumerate(self.inner.generate(request, cancel)):
                 yield chunk
-                if i == 0 and w.pause_after_first:
+                if i == 0 and request.model in w.pause:
                     # Held deterministically until the test releases it or cancel is set.
                     while not (w.resume.wait(0.005) or cancel.is_set()):
                         pass
@@ -114,7 +114,7 @@ class World:
         self.mutex = threading.Lock()
         self.active = self.max_active = 0
         self.cancels: list[threading.Event] = []
-        self.pause_after_first = False
+        self.pause: set[str] = set()  # models whose generations pause after the first chunk
         self.resume = threading.Event()
         self.clock = Clock()
         self.leases = Leases()
@@ -207,7 +207,7 @@ def test_concurrent_requests_share_one_load_and_run_one_at_a_time(broken_gguf: P
 
 def test_different_models_generate_concurrently(broken_gguf: Path) -> None:
     async def body(w: World) -> None:
-        w.pause_after_first = True
+        w.pause = {"a"}
         a = w.manager.generate(request("a"))
         await anext(a)  # "a" is now paused mid-stream in its worker
         b_chunks = await collect(w.manager.generate(request("b")))
@@ -237,7 +237,7 @@ def test_queue_overflow_is_refused(broken_gguf: Path) -> None:
 
 def test_queue_admits_queue_size_waiters(broken_gguf: Path) -> None:
     async def body(w: World) -> None:
-        w.pause_after_first = True
+        w.pause = {"a"}
         first = w.manager.generate(request("a"))
         await anext(first)
         waiter = asyncio.create_task(collect(w.manager.generate(request("a"))))
@@ -359,7 +359,7 @@ def test_closing_the_stream_early_cancels_and_frees_the_slot(broken_gguf: Path) 
 
 def test_close_stops_streams_refuses_new_requests_and_is_idempotent(broken_gguf: Path) -> None:
     async def body(w: World) -> None:
-        w.pause_after_first = True
+        w.pause = {"a"}
         stream = w.manager.generate(request("a", max_tokens=32))
         await anext(stream)
         await w.manager.close()
@@ -389,3 +389,37 @@ def test_close_grace_lets_running_requests_finish(broken_gguf: Path) -> None:
 
     _, chunks = run_with(broken_gguf, body)
     assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 8
+
+
+def test_cancelling_the_consumer_task_stops_the_generation(broken_gguf: Path) -> None:
+    async def body(w: World) -> None:
+        w.pause = {"a"}
+        stream = w.manager.generate(request("a", max_tokens=32))
+        await anext(stream)
+
+        async def consume() -> list[Chunk]:
+            try:
+                return await collect(stream)
+            finally:
+                await stream.aclose()
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0)  # let it block on the paused worker
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert w.cancels[0].is_set() and w.active == 0
+        assert w.manager.queue_depth("a") == 0 and not w.manager.loaded()[0].busy
+
+    run_with(broken_gguf, body)
+
+
+def test_importing_the_runtime_does_not_load_llama_cpp() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, agent.runtime.lifecycle, agent.runtime.llama;"
+        "sys.exit('llama_cpp' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

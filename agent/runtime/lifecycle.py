@@ -16,7 +16,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -193,7 +193,7 @@ class ModelManager:
         await self._close_slots(self._detach(expired))
         return expired
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
         """Stream `request`'s chunks, loading the model first if needed.
 
         Raises QueueFull, ModelLoadFailed, Stopping (and the registry's ModelNotFound)
@@ -240,16 +240,21 @@ class ModelManager:
                 raise Stopping("the agent is shutting down")
         finally:
             cancel.set()  # no-op when the generation finished; stops it otherwise
-            if worker is not None:
+            interrupted = False
+            if worker is not None and not worker.done():
                 # Wait (within a token step) so the slot is free when the caller moves on;
                 # if cancelled meanwhile, the done-callback still frees it.
-                with contextlib.suppress(BaseException):
+                try:
                     await asyncio.shield(worker)
+                except asyncio.CancelledError:
+                    interrupted = True
             if slot is not None:
                 slot.users -= 1
                 slot.last_used = self._clock()
             self._release(alias)
             self._notify()
+            if interrupted:
+                raise asyncio.CancelledError
             if slot is not None and slot.keep_alive == 0 and not self._closing:
                 # keep_alive 0: unloaded before the caller's loop ends (Ollama's semantics).
                 await self._unload_if_idle(alias, slot)

@@ -120,17 +120,20 @@ class LlamaBackend:
                 verbose=False,
             )
 
+        llm: Any = None
         try:
             llm = open_model(n_ctx)
             trained = int(llm._model.n_ctx_train())
             if 0 < trained < n_ctx:  # the registry did not know the model's window
                 llm.close()
                 llm = open_model(trained)
+            return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers, metrics=metrics)
         except Exception as exc:  # llama.cpp: ValueError("Failed to load model from file: ...")
+            if llm is not None:
+                llm.close()
             raise ModelLoadFailed(
                 f"model {resolved.alias}: cannot load {resolved.path}: {exc}"
             ) from exc
-        return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers, metrics=metrics)
 
     @property
     def chat_supported(self) -> bool:
