@@ -49,8 +49,9 @@ async def stopping_middleware(request: web.Request, handler: Handler) -> web.Str
     state = request.app[STATE]
     spec = route_spec(request)
     if state.stopping and (spec is None or spec.permission != PUBLIC):
-        return error_response(APIError(503, "the agent is stopping", type="server_error",
-                                       code="stopping"))
+        return error_response(
+            APIError(503, "the agent is stopping", type="server_error", code="stopping")
+        )
     return await handler(request)
 
 
@@ -61,11 +62,15 @@ def create_app(settings: Settings) -> web.Application:
     metrics = Metrics()
     resolver = ModelResolver(settings, registry)
     manager = ModelManager(
-        settings.runtime, resolver.resolve, metrics,
-        total_memory=psutil.virtual_memory().total, lease=registry.lease,
+        settings.runtime,
+        resolver.resolve,
+        metrics,
+        total_memory=psutil.virtual_memory().total,
+        lease=registry.lease,
     )
-    state = AgentState(settings=settings, registry=registry, manager=manager,
-                       metrics=metrics, resolver=resolver)
+    state = AgentState(
+        settings=settings, registry=registry, manager=manager, metrics=metrics, resolver=resolver
+    )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[metrics_middleware, error_middleware, stopping_middleware],
@@ -76,14 +81,11 @@ def create_app(settings: Settings) -> web.Application:
     return app
 
 
-def _lifespan(
-    state: AgentState, t0: float
-) -> Callable[[web.Application], AsyncIterator[None]]:
+def _lifespan(state: AgentState, t0: float) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         await state.manager.start()
         state.ready = True
-        log.info("ready in %.0f ms (home %s)", (time.monotonic() - t0) * 1000,
-                 state.settings.home)
+        log.info("ready in %.0f ms (home %s)", (time.monotonic() - t0) * 1000, state.settings.home)
         try:
             yield
         finally:

@@ -16,7 +16,9 @@ def device() -> None:
 
 @device.command("info")
 @click.option(
-    "--root", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+    "--root",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
     help="Read a tree laid out like a device's / (proc/, sys/, dev/) instead of this system.",
 )
 @json_option

@@ -34,8 +34,12 @@ def models() -> None:
 @click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--alias", help="Name apps use for the model (default: from the file).")
 @click.option("--move", is_flag=True, help="Move the file into the store instead of copying.")
-@click.option("--task", type=click.Choice(["chat", "completion", "embedding"]), default=None,
-              help="What the model does, when the file does not say.")
+@click.option(
+    "--task",
+    type=click.Choice(["chat", "completion", "embedding"]),
+    default=None,
+    help="What the model does, when the file does not say.",
+)
 @json_option
 @pass_ctx
 def import_(
@@ -43,12 +47,23 @@ def import_(
 ) -> None:
     """Import a GGUF or ONNX file; its metadata is read from the file itself."""
     size = path.stat().st_size if path.is_file() else 0
-    with _registry(ctx) as reg, tqdm(
-        total=size, unit="B", unit_scale=True, desc=f"importing {path.name}",
-        disable=as_json or None, leave=False,
-    ) as bar:
+    with (
+        _registry(ctx) as reg,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"importing {path.name}",
+            disable=as_json or None,
+            leave=False,
+        ) as bar,
+    ):
         result = reg.import_file(
-            path, alias=alias, move=move, progress=bar.update, task=task,  # type: ignore[arg-type]
+            path,
+            alias=alias,
+            move=move,
+            progress=bar.update,
+            task=task,  # type: ignore[arg-type]
         )
     if as_json:
         emit_json(result)
@@ -148,7 +163,9 @@ def pull(ctx: Context, alias: str, as_json: bool) -> None:
 @click.argument("alias")
 @click.option("--explain", is_flag=True, help="List every candidate with its verdict.")
 @click.option(
-    "--root", type=click.Path(path_type=Path, file_okay=False, exists=True), default=None,
+    "--root",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    default=None,
     help="Judge against the hardware captured under this directory instead of this device.",
 )
 @json_option
@@ -163,4 +180,4 @@ def select(ctx: Context, alias: str, explain: bool, root: Path | None, as_json: 
     click.echo(f"{alias}: {sel.chosen.name} ({sel.chosen.quantization} on {sel.chosen.target})")
     if explain:
         for c in sel.candidates:
-X
+            click.echo(f"  {c.variant.name:<32} {c.label:<10} {'; '.join(c.reasons)}")

@@ -21,7 +21,8 @@ class AgentClient:
         self.socket_path = socket_path
         self._http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)),
-            base_url="http://edge-agent", timeout=timeout,
+            base_url="http://edge-agent",
+            timeout=timeout,
         )
 
     def close(self) -> None:

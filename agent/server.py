@@ -79,7 +79,7 @@ def bind_unix_socket(path: Path, *, mode: int = 0o660, group: str | None = None)
     parent = path.parent
     if not parent.exists():
         parent.mkdir(parents=True, mode=0o750)
-        os.chmod(parent, 0o750)  # mkdir's mode is masked by umask
+        parent.chmod(0o750)
         if gid != -1:
             os.chown(parent, -1, gid)
     else:
@@ -102,7 +102,7 @@ def bind_unix_socket(path: Path, *, mode: int = 0o660, group: str | None = None)
         raise
     finally:
         os.umask(old_umask)
-    os.chmod(path, mode)
+    path.chmod(mode)
     if gid != -1:
         os.chown(path, -1, gid)
     sock.listen(128)

@@ -64,14 +64,18 @@ class RuntimeSettings(_Section):
         default=0.5, gt=0, le=1, description="Share of RAM loaded models may use in total."
     )
     memory_budget_bytes: int | None = Field(
-        default=None, ge=0, description="Absolute cap on loaded models' memory (overrides fraction)."
+        default=None,
+        ge=0,
+        description="Absolute cap on loaded models' memory (overrides fraction).",
     )
     max_loaded_models: int = Field(default=2, ge=1, description="Most models loaded at once.")
     queue_size: int = Field(
         default=8, ge=0, description="Requests that may wait per model before 429."
     )
     context_length: int = Field(
-        default=4096, ge=128, description="Context window to load models with (capped by the model)."
+        default=4096,
+        ge=128,
+        description="Context window to load models with (capped by the model).",
     )
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from agent.models import ModelResolver
 from agent.metrics import Metrics
+from agent.models import ModelResolver
 from agent.runtime.lifecycle import ModelManager
 from agent.settings import Settings
 from registry.service import Registry

@@ -45,8 +45,12 @@ class GpuInfo(_Frozen):
     vendor: GpuVendor
     name: str
     integrated: bool = False
-    memory_bytes: int | None = Field(default=None, description="Dedicated memory; None if shared/unknown.")
-    driver: str | None = Field(default=None, description="Kernel driver name (nvidia, amdgpu, i915, xe, nvgpu).")
+    memory_bytes: int | None = Field(
+        default=None, description="Dedicated memory; None if shared/unknown."
+    )
+    driver: str | None = Field(
+        default=None, description="Kernel driver name (nvidia, amdgpu, i915, xe, nvgpu)."
+    )
     driver_version: str | None = None
     compute_api_version: str | None = Field(default=None, description="CUDA version for NVIDIA.")
     pci_id: str | None = Field(default=None, description="vendor:device in hex, when on PCI.")
@@ -70,7 +74,9 @@ class RuntimeInfo(_Frozen):
     llama_gpu_offload: bool = Field(
         default=False, description="llama.cpp was built with a GPU backend it can offload to."
     )
-    llama_backends: tuple[str, ...] = Field(default=(), description="cuda, metal, vulkan, rocm, ...")
+    llama_backends: tuple[str, ...] = Field(
+        default=(), description="cuda, metal, vulkan, rocm, ..."
+    )
     onnxruntime_version: str | None = None
     onnx_providers: tuple[str, ...] = Field(default=(), description="get_available_providers()")
 

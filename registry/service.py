@@ -29,7 +29,7 @@ from registry.store import BlobStore
 from registry.types import Task, VariantSpec, bits_per_weight
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-Progress = Callable[[int], None]
+Progress = Callable[[int], object]
 
 
 class AliasConflict(RegistryError):
@@ -224,7 +224,7 @@ class Registry:
                 VariantSpec(
                     model_alias=m.alias,
                     name=v.name,
-                    format=v.format,  # type: ignore[arg-type]
+                    format=v.format,
                     quantization=v.quantization,
                     bits_per_weight=v.bits_per_weight,
                     target=v.target,
@@ -350,7 +350,11 @@ class Registry:
                     details=_details(meta),
                 )
             )
-            s.add(ModelEvent(alias=alias, kind="imported", details={"variant": name, "sha256": sha256}))
+            s.add(
+                ModelEvent(
+                    alias=alias, kind="imported", details={"variant": name, "sha256": sha256}
+                )
+            )
             s.flush()
             return ImportResult(model=_model_info(model), variant=name, sha256=sha256, created=True)
 
@@ -372,9 +376,7 @@ class Registry:
                     )
                 s.delete(model)
                 s.flush()
-                still_used = set(
-                    s.scalars(select(Variant.sha256).where(Variant.sha256.in_(shas)))
-                )
+                still_used = set(s.scalars(select(Variant.sha256).where(Variant.sha256.in_(shas))))
                 orphans = sorted(shas - still_used)
                 for sha in orphans:
                     art = s.get(Artifact, sha)

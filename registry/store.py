@@ -35,7 +35,7 @@ FILE_MODE = 0o640
 DIR_MODE = 0o750
 
 # Called with the number of bytes handled since the last call (like tqdm's `update`).
-Progress = Callable[[int], None]
+Progress = Callable[[int], object]
 
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 

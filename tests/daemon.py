@@ -47,8 +47,11 @@ class Daemon:
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "agent", "serve"], env=self.env,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [sys.executable, "-m", "agent", "serve"],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         self.wait_for("READY=1")
         return self
@@ -69,14 +72,16 @@ class Daemon:
     def client(self, timeout: float = 120) -> httpx.Client:
         return httpx.Client(
             transport=httpx.HTTPTransport(uds=str(self.socket)),
-            base_url="http://edge-agent", timeout=timeout,
+            base_url="http://edge-agent",
+            timeout=timeout,
         )
 
     def openai(self) -> Any:
         import openai
 
         return openai.OpenAI(
-            base_url="http://edge-agent/v1", api_key="unused",
+            base_url="http://edge-agent/v1",
+            api_key="unused",
             http_client=httpx.Client(transport=httpx.HTTPTransport(uds=str(self.socket))),
             max_retries=0,
         )

@@ -45,7 +45,11 @@ def test_openai_client_chat_non_streaming(agent: Daemon) -> None:
 def test_openai_client_chat_streaming(agent: Daemon) -> None:
     client = agent.openai()
     stream = client.chat.completions.create(
-        model=SMOL, messages=CHAT, max_tokens=16, stream=True, seed=1,
+        model=SMOL,
+        messages=CHAT,
+        max_tokens=16,
+        stream=True,
+        seed=1,
         stream_options={"include_usage": True},
     )
     texts, finish, usage = [], None, None
@@ -71,8 +75,9 @@ def test_raw_stream_ends_with_done(agent: Daemon) -> None:
 
 def test_completions(agent: Daemon) -> None:
     client = agent.openai()
-    resp = client.completions.create(model=GEMMA, prompt="The capital of France is", max_tokens=8,
-                                     temperature=0)
+    resp = client.completions.create(
+        model=GEMMA, prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     assert resp.choices[0].text.strip()
     assert resp.object == "text_completion"
 
@@ -87,7 +92,11 @@ def test_max_tokens_gives_finish_reason_length(agent: Daemon) -> None:
 def test_stop_sequence_ends_generation_and_is_not_returned(agent: Daemon) -> None:
     client = agent.openai()
     resp = client.completions.create(
-        model=GEMMA, prompt="1, 2, 3, 4, 5,", max_tokens=40, temperature=0, stop=[" 8"],
+        model=GEMMA,
+        prompt="1, 2, 3, 4, 5,",
+        max_tokens=40,
+        temperature=0,
+        stop=[" 8"],
     )
     text = resp.choices[0].text
     assert resp.choices[0].finish_reason == "stop"
@@ -98,8 +107,9 @@ def test_same_seed_gives_same_text(agent: Daemon) -> None:
     client = agent.openai()
 
     def once() -> str:
-        r = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=24,
-                                           temperature=0.9, seed=1234)
+        r = client.chat.completions.create(
+            model=SMOL, messages=CHAT, max_tokens=24, temperature=0.9, seed=1234
+        )
         return r.choices[0].message.content
 
     assert once() == once()
@@ -108,7 +118,10 @@ def test_same_seed_gives_same_text(agent: Daemon) -> None:
 def test_json_object_output_parses(agent: Daemon) -> None:
     client = agent.openai()
     resp = client.chat.completions.create(
-        model=SMOL, max_tokens=64, seed=3, response_format={"type": "json_object"},
+        model=SMOL,
+        max_tokens=64,
+        seed=3,
+        response_format={"type": "json_object"},
         messages=[{"role": "user", "content": "Give a JSON object with a name and an age."}],
     )
     assert isinstance(json.loads(resp.choices[0].message.content), dict)
@@ -135,9 +148,12 @@ def test_two_concurrent_clients_on_one_model_are_both_served(agent: Daemon) -> N
 def test_queue_overflow_gives_429_with_retry_after(home: Path) -> None:
     # queue_size 0: while the model generates for one client, the next is refused at once.
     # (Waiting in a non-empty queue is covered by test_lifecycle.)
-    with running(home, {"EDGE_AGENT_RUNTIME__QUEUE_SIZE": "0"}) as d, \
-            d.client() as c1, d.client() as c2, \
-            c1.stream("POST", "/v1/completions", json={"model": SMOL, **COUNT}) as r1:
+    with (
+        running(home, {"EDGE_AGENT_RUNTIME__QUEUE_SIZE": "0"}) as d,
+        d.client() as c1,
+        d.client() as c2,
+        c1.stream("POST", "/v1/completions", json={"model": SMOL, **COUNT}) as r1,
+    ):
         first = next(r1.iter_lines())  # the model is now busy generating for c1
         assert first.startswith("data: ")
         r2 = c2.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 1})
@@ -183,16 +199,17 @@ def test_malformed_json_is_400(agent: Daemon) -> None:
 
 def test_invalid_field_is_400_naming_it(agent: Daemon) -> None:
     with agent.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": CHAT,
-                                                  "temperature": 7})
+        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": CHAT, "temperature": 7})
     assert r.status_code == 400 and r.json()["error"]["param"] == "temperature"
 
 
 def test_over_long_prompt_is_400(agent: Daemon) -> None:
     long = "word " * 2000  # far beyond the 512-token context the daemon loads with
     with agent.client() as c:
-        r = c.post("/v1/chat/completions", json={"model": SMOL, "messages": [
-            {"role": "user", "content": long}]})
+        r = c.post(
+            "/v1/chat/completions",
+            json={"model": SMOL, "messages": [{"role": "user", "content": long}]},
+        )
     assert r.status_code == 400
     assert r.json()["error"]["code"] == "context_length_exceeded"
 
@@ -225,9 +242,14 @@ def test_metrics_are_prometheus_text(agent: Daemon) -> None:
     with agent.client() as c:
         r = c.get("/metrics")
     assert r.headers["content-type"].startswith("text/plain")
-    for name in ("edge_agent_requests_total", "edge_agent_time_to_first_token_seconds_bucket",
-                 "edge_agent_inter_token_latency_seconds_bucket", "edge_agent_loaded_models",
-                 "edge_agent_model_load_seconds_bucket", "edge_agent_queue_depth"):
+    for name in (
+        "edge_agent_requests_total",
+        "edge_agent_time_to_first_token_seconds_bucket",
+        "edge_agent_inter_token_latency_seconds_bucket",
+        "edge_agent_loaded_models",
+        "edge_agent_model_load_seconds_bucket",
+        "edge_agent_queue_depth",
+    ):
         assert name in r.text
 
 
@@ -261,8 +283,14 @@ def test_second_agent_on_the_same_socket_is_refused(agent: Daemon, tmp_path: Pat
 
     env = {**agent.env, "EDGE_AGENT_HOME": str(tmp_path)}
     env.pop("NOTIFY_SOCKET")
-    proc = subprocess.run([sys.executable, "-m", "agent", "serve"], env=env,
-                          capture_output=True, text=True, timeout=60, check=False)
+    proc = subprocess.run(
+        [sys.executable, "-m", "agent", "serve"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert proc.returncode == 1
     assert "already serving" in proc.stderr
 
@@ -288,8 +316,14 @@ def test_sigterm_mid_stream_exits_cleanly_and_keeps_registry(
 ) -> None:
     home = prepare_home(tmp_path / "home", {SMOL: smollm2_gguf})
     d = Daemon(home, {"EDGE_AGENT_SERVER__SHUTDOWN_GRACE_SECONDS": "1"}).start()
-    body = {"model": SMOL, "messages": CHAT, "max_tokens": 2000, "stream": True,
-            "temperature": 1.0, "seed": 9}
+    body = {
+        "model": SMOL,
+        "messages": CHAT,
+        "max_tokens": 2000,
+        "stream": True,
+        "temperature": 1.0,
+        "seed": 9,
+    }
     with d.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
@@ -299,8 +333,9 @@ def test_sigterm_mid_stream_exits_cleanly_and_keeps_registry(
     assert events[-1] == "[DONE]"
     last = events[-2]
     assert isinstance(last, dict)
-    assert last.get("error", {}).get("code") == "stopping" or \
-        last["choices"][0]["finish_reason"] in ("stop", "length")
+    assert last.get("error", {}).get("code") == "stopping" or last["choices"][0][
+        "finish_reason"
+    ] in ("stop", "length")
     assert d.proc.wait(60) == 0, d.stderr()  # type: ignore[union-attr]
     assert not d.socket.exists()
     with sqlite3.connect(home / "registry.db") as db:
@@ -314,8 +349,11 @@ def test_corrupt_model_file_gives_503_while_others_serve(
 ) -> None:
     home = prepare_home(tmp_path / "home", {SMOL: smollm2_gguf, GEMMA: gemma3_gguf})
     # Damage the stored blob after import, as a failing disk would.
-    blob = next(p for p in (home / "store").rglob("*") if p.is_file()
-                and p.stat().st_size == gemma3_gguf.stat().st_size)
+    blob = next(
+        p
+        for p in (home / "store").rglob("*")
+        if p.is_file() and p.stat().st_size == gemma3_gguf.stat().st_size
+    )
     blob.chmod(0o640)
     with blob.open("r+b") as f:
         f.seek(8)
@@ -334,12 +372,22 @@ def test_memory_budget_for_one_model_evicts_the_idle_one(
     tmp_path: Path, smollm2_gguf: Path, gemma3_gguf: Path
 ) -> None:
     home = prepare_home(tmp_path / "home", {SMOL: smollm2_gguf, GEMMA: gemma3_gguf})
-    with running(home, {"EDGE_AGENT_RUNTIME__MEMORY_BUDGET_BYTES": "900000000"}) as d, \
-            d.client() as c:
-        assert c.post("/v1/completions", json={"model": SMOL, "prompt": "Hi",
-                                               "max_tokens": 1}).status_code == 200
-        assert c.post("/v1/completions", json={"model": GEMMA, "prompt": "Hi",
-                                               "max_tokens": 1}).status_code == 200
+    with (
+        running(home, {"EDGE_AGENT_RUNTIME__MEMORY_BUDGET_BYTES": "900000000"}) as d,
+        d.client() as c,
+    ):
+        assert (
+            c.post(
+                "/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 1}
+            ).status_code
+            == 200
+        )
+        assert (
+            c.post(
+                "/v1/completions", json={"model": GEMMA, "prompt": "Hi", "max_tokens": 1}
+            ).status_code
+            == 200
+        )
         loaded = [m["alias"] for m in c.get("/agent/v1/loaded").json()["models"]]
         assert loaded == [GEMMA]
 
@@ -347,8 +395,10 @@ def test_memory_budget_for_one_model_evicts_the_idle_one(
 def test_keep_alive_zero_unloads_after_the_request(tmp_path: Path, smollm2_gguf: Path) -> None:
     home = prepare_home(tmp_path / "home", {SMOL: smollm2_gguf})
     with running(home) as d, d.client() as c:
-        r = c.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 1,
-                                            "keep_alive": 0})
+        r = c.post(
+            "/v1/completions",
+            json={"model": SMOL, "prompt": "Hi", "max_tokens": 1, "keep_alive": 0},
+        )
         assert r.status_code == 200
         # The unload happens when the request's slot is released, before the next request
         # to the same lifecycle is handled: a load/unload round trip orders them.

@@ -71,7 +71,9 @@ def test_cli_exits_2_with_one_line_on_bad_setting(tmp_path: Path) -> None:
     cfg.write_text("[logging]\nlevel = 'loud'\n")
     proc = subprocess.run(
         [sys.executable, "-m", "agent", "--config", str(cfg), "models", "list"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
@@ -81,5 +83,7 @@ def test_cli_exits_2_with_one_line_on_bad_setting(tmp_path: Path) -> None:
 
 def test_every_setting_is_documented() -> None:
     text = DOCS.read_text()
-    missing = [key for key, env, _ in iter_setting_keys() if f"`{key}`" not in text or env not in text]
+    missing = [
+        key for key, env, _ in iter_setting_keys() if f"`{key}`" not in text or env not in text
+    ]
     assert missing == []

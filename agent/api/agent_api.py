@@ -43,7 +43,7 @@ async def model(request: web.Request) -> web.Response:
     try:
         sel = await asyncio.to_thread(state.resolver.selection, alias)
         body["selection"] = sel.model_dump(mode="json")
-    except Exception as exc:  # noqa: BLE001 - the model is still shown; say why none fits
+    except Exception as exc:
         body["selection"] = {"error": str(exc)}
     return web.json_response(body)
 
@@ -82,7 +82,6 @@ ROUTES = [
     RouteSpec("GET", "/agent/v1/models", models, "models:read"),
     RouteSpec("GET", "/agent/v1/models/{alias}", model, "models:read", model_scoped=True),
     RouteSpec("POST", "/agent/v1/models/{alias}/load", load, "models:load", model_scoped=True),
-    RouteSpec("POST", "/agent/v1/models/{alias}/unload", unload, "models:load",
-              model_scoped=True),
+    RouteSpec("POST", "/agent/v1/models/{alias}/unload", unload, "models:load", model_scoped=True),
     RouteSpec("GET", "/agent/v1/loaded", loaded, "models:read"),
 ]

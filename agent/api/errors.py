@@ -56,8 +56,9 @@ def error_response(err: APIError) -> web.Response:
 def from_validation(exc: ValidationError) -> APIError:
     first = exc.errors()[0]
     param = ".".join(str(p) for p in first["loc"]) or None
-    return APIError(400, f"invalid request: {param}: {first['msg']}", param=param,
-                    code="invalid_value")
+    return APIError(
+        400, f"invalid request: {param}: {first['msg']}", param=param, code="invalid_value"
+    )
 
 
 def to_api_error(exc: BaseException) -> APIError | None:
@@ -76,8 +77,13 @@ def to_api_error(exc: BaseException) -> APIError | None:
         case ChatNotSupported():
             return APIError(400, str(exc), code="chat_not_supported", param="model")
         case QueueFull():
-            return APIError(429, str(exc), type="rate_limit_error", code="queue_full",
-                            headers={"Retry-After": str(exc.retry_after)})
+            return APIError(
+                429,
+                str(exc),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(exc.retry_after)},
+            )
         case ModelLoadFailed():
             return APIError(503, str(exc), type="server_error", code="model_load_failed")
         case Stopping():

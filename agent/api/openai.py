@@ -97,8 +97,17 @@ class _CommonRequest(BaseModel):
     def sampling(self, json_object: bool = False) -> Sampling:
         fields = {
             k: getattr(self, k)
-            for k in ("max_tokens", "temperature", "top_p", "top_k", "min_p", "repeat_penalty",
-                      "presence_penalty", "frequency_penalty", "seed")
+            for k in (
+                "max_tokens",
+                "temperature",
+                "top_p",
+                "top_k",
+                "min_p",
+                "repeat_penalty",
+                "presence_penalty",
+                "frequency_penalty",
+                "seed",
+            )
             if getattr(self, k) is not None
         }
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
@@ -113,7 +122,9 @@ class ChatCompletionRequest(_CommonRequest):
     def generation(self) -> GenerationRequest:
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
-        json_object = self.response_format is not None and self.response_format.type == "json_object"
+        json_object = (
+            self.response_format is not None and self.response_format.type == "json_object"
+        )
         return GenerationRequest(
             model=self.model,
             messages=[m.to_message() for m in self.messages],
@@ -136,7 +147,9 @@ class CompletionRequest(_CommonRequest):
     def generation(self) -> GenerationRequest:
         prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
         return GenerationRequest(
-            model=self.model, prompt=prompt, sampling=self.sampling(),
+            model=self.model,
+            prompt=prompt,
+            sampling=self.sampling(),
             keep_alive=parse_keep_alive(self.keep_alive),
         )
 
@@ -155,8 +168,12 @@ async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
     models = await _in_thread(state.registry.list_models)
     data = [
-        {"id": m.alias, "object": "model", "created": int(m.created_at.timestamp()),
-         "owned_by": "edge-agent"}
+        {
+            "id": m.alias,
+            "object": "model",
+            "created": int(m.created_at.timestamp()),
+            "owned_by": "edge-agent",
+        }
         for m in models
     ]
     return web.json_response({"object": "list", "data": data})
@@ -180,8 +197,11 @@ class _Usage:
             self.completion = chunk.completion_tokens
 
     def as_dict(self) -> dict[str, int]:
-        return {"prompt_tokens": self.prompt, "completion_tokens": self.completion,
-                "total_tokens": self.prompt + self.completion}
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -219,8 +239,13 @@ async def _serve(
 
 
 async def _collect(
-    request: web.Request, req: _CommonRequest, stream: AsyncIterator[Chunk], first: Chunk,
-    rid: str, created: int, chat: bool,
+    request: web.Request,
+    req: _CommonRequest,
+    stream: AsyncIterator[Chunk],
+    first: Chunk,
+    rid: str,
+    created: int,
+    chat: bool,
 ) -> web.Response:
     usage = _Usage()
     parts: list[str] = []
@@ -235,33 +260,55 @@ async def _collect(
     request["usage"] = usage.as_dict()
     if chat:
         choice: dict[str, Any] = {
-            "index": 0, "message": {"role": "assistant", "content": text},
-            "finish_reason": finish or "stop", "logprobs": None,
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": finish or "stop",
+            "logprobs": None,
         }
         obj = "chat.completion"
     else:
         choice = {"index": 0, "text": text, "finish_reason": finish or "stop", "logprobs": None}
         obj = "text_completion"
-    return web.json_response({
-        "id": rid, "object": obj, "created": created, "model": req.model,
-        "choices": [choice], "usage": usage.as_dict(),
-    })
+    return web.json_response(
+        {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": req.model,
+            "choices": [choice],
+            "usage": usage.as_dict(),
+        }
+    )
 
 
 async def _stream(
-    request: web.Request, req: _CommonRequest, stream: AsyncIterator[Chunk], first: Chunk,
-    rid: str, created: int, chat: bool,
+    request: web.Request,
+    req: _CommonRequest,
+    stream: AsyncIterator[Chunk],
+    first: Chunk,
+    rid: str,
+    created: int,
+    chat: bool,
 ) -> web.StreamResponse:
-    resp = web.StreamResponse(headers={
-        "Content-Type": "text/event-stream", "Cache-Control": "no-cache",
-    })
+    resp = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+        }
+    )
     await resp.prepare(request)
     usage = _Usage()
     obj = "chat.completion.chunk" if chat else "text_completion"
 
     async def send(choices: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> None:
-        payload = {"id": rid, "object": obj, "created": created, "model": req.model,
-                   "choices": choices, **(extra or {})}
+        payload = {
+            "id": rid,
+            "object": obj,
+            "created": created,
+            "model": req.model,
+            "choices": choices,
+            **(extra or {}),
+        }
         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
     def choice(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
@@ -286,8 +333,14 @@ async def _stream(
     except Exception as exc:
         # Headers are sent: report the failure as a final event, as OpenAI's API does.
         err = to_api_error(exc) or APIError(500, "internal error", type="server_error")
-        payload = {"error": {"message": err.message, "type": err.type, "param": err.param,
-                             "code": err.code}}
+        payload = {
+            "error": {
+                "message": err.message,
+                "type": err.type,
+                "param": err.param,
+                "code": err.code,
+            }
+        }
         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
     request["usage"] = usage.as_dict()
     if req.stream_options is not None and req.stream_options.include_usage:
@@ -299,7 +352,8 @@ async def _stream(
 
 ROUTES = [
     RouteSpec("GET", "/v1/models", list_models, "models:read"),
-    RouteSpec("POST", "/v1/chat/completions", chat_completions, "inference:invoke",
-              model_scoped=True),
+    RouteSpec(
+        "POST", "/v1/chat/completions", chat_completions, "inference:invoke", model_scoped=True
+    ),
     RouteSpec("POST", "/v1/completions", completions, "inference:invoke", model_scoped=True),
 ]

@@ -15,7 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class RuntimeError_(Exception):  # noqa: N801 - avoid shadowing the builtin
+class RuntimeError_(Exception):
     """Base of runtime errors; the API maps each subclass to one HTTP status."""
 
 
