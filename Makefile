@@ -27,8 +27,12 @@ $(STAMP): requirements.lock pyproject.toml
 run: setup
 	@mkdir -p $(HOME_DIR) && chmod 0750 $(HOME_DIR)
 	$(VENV)/bin/edge-agent models pull smollm2-135m
-	$(VENV)/bin/edge-agent device info
-	$(VENV)/bin/edge-agent models list
+	@echo "edge-agent: serving on $(EDGE_AGENT_SOCKET)  (Ctrl-C stops it)"
+	@echo "try: curl --unix-socket $(EDGE_AGENT_SOCKET) http://localhost/v1/chat/completions \\"
+	@echo "       -H 'Content-Type: application/json' \\"
+	@echo "       -d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
+	@echo "  or: $(VENV)/bin/edge-agent chat smollm2-135m 'Hello!'   (EDGE_AGENT_HOME=$(HOME_DIR) EDGE_AGENT_SOCKET=$(EDGE_AGENT_SOCKET))"
+	exec $(VENV)/bin/edge-agent serve
 
 test: setup
 	$(VENV)/bin/pytest
@@ -43,6 +47,8 @@ typecheck:
 
 bench: setup
 	$(PY) bench/selection.py
+	$(PY) bench/serve.py
+	$(PY) bench/authz.py
 
 # Re-pin every dependency from the current environment (run after changing pyproject).
 lock:

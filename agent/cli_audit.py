@@ -85,7 +85,7 @@ def _public_key(ctx: Context, path: Path | None) -> Ed25519PublicKey:
 
 
 def _print_record(r: auditlog.Record) -> None:
-    who = r.subject if r.uid is None else f"{r.subject} pid {r.pid}"
+    who = r.subject if r.pid is None else f"{r.subject} pid {r.pid}"
     click.echo(
         f"{r.seq:>8} {r.time} {r.decision:<5} {r.outcome:<6} {r.action:<20} "
         f"{r.resource} by {who}"
@@ -156,14 +156,14 @@ def export(ctx: Context, since: datetime | None, until: datetime | None, fmt: st
     with _database(ctx) as db:
         if fmt == "jsonl":
             for obj in auditlog.export(db, since, until):
-                click.echo(json.dumps(obj, sort_keys=True, ensure_ascii=False))
+                click.echo(json.dumps(obj, ensure_ascii=False))
             return
         objs = list(auditlog.export(db, since, until))
     doc: dict[str, Any] = {"header": objs[0], "anchor": objs[1], "checkpoints": [],
                            "records": []}
     for obj in objs[2:]:
         doc["checkpoints" if obj["type"] == "checkpoint" else "records"].append(obj)
-    click.echo(json.dumps(doc, sort_keys=True, ensure_ascii=False, indent=1))
+    click.echo(json.dumps(doc, ensure_ascii=False, indent=1))
 
 
 def _read_export(path: Path) -> list[dict[str, Any]]:

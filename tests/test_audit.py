@@ -592,6 +592,11 @@ def test_partial_export_verifies_from_its_anchor(home: Path, db: Database) -> No
     # JSON format round-trips through the CLI verifier too.
     doc = run_cli(home, "export", "--format", "json")
     assert doc.exit_code == 0 and len(json.loads(doc.stdout)["records"]) == 45
+    (home / "export.json").write_text(doc.stdout)
+    (home / "device.pub").write_bytes(key.public_key_raw())
+    cli = run_cli(home, "verify", "--export", str(home / "export.json"),
+                  "--public-key", str(home / "device.pub"), "--json")
+    assert cli.exit_code == 0 and json.loads(cli.stdout)["signed_through"] == 45
 
 
 def test_cli_tail_and_show(home: Path) -> None:

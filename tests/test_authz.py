@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -358,10 +359,10 @@ def serve(store: PolicyStore, tokens: TokenStore | None = None) -> Iterator[Serv
         await runner.setup()
         try:
             await web.UnixSite(runner, str(served.socket)).start()
-            tcp = web.TCPSite(runner, "127.0.0.1", 0)
-            await tcp.start()
-            assert tcp._server is not None
-            served.port = tcp._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            tcp = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            tcp.bind(("127.0.0.1", 0))
+            served.port = tcp.getsockname()[1]
+            await web.SockSite(runner, tcp).start()
         except BaseException as exc:
             failure.append(exc)
             raise
