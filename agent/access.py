@@ -30,7 +30,7 @@ from agent.api.routes import PUBLIC, RouteSpec, add_routes, route_spec
 from agent.authz import Decision, PolicyStore, authorize
 from agent.identity import IdentityCache, Subject, token_subject
 from agent.server import peer_credentials
-from agent.tokens import ExpiredToken, RevokedToken, TokenError, TokenInfo
+from agent.tokens import TOKEN_PREFIX, ExpiredToken, RevokedToken, TokenError, TokenInfo
 
 __all__ = [
     "DECISION",
@@ -140,6 +140,10 @@ def access_middleware(
     async def authenticate(request: web.Request, spec: RouteSpec) -> Subject:
         cred = peer_credentials(request)
         token = _bearer(request)
+        if token is not None and cred is not None and not token.startswith(TOKEN_PREFIX):
+            # OpenAI clients always send some api_key; on the socket the kernel-verified
+            # uid is the identity, so a value that is not one of our tokens is ignored.
+            token = None
         if token is None:
             if cred is None:
                 raise _auth_error("a bearer token is required over TCP", "missing_token")
@@ -164,7 +168,7 @@ def access_middleware(
             return await handler(request)  # 404/405: the error handler answers
         if spec.permission == PUBLIC:
             cred = peer_credentials(request)
-            if cred is not None and "Authorization" not in request.headers:
+            if cred is not None:
                 request[SUBJECT] = ids.subject(cred)
             return await handler(request)
         subject = await authenticate(request, spec)

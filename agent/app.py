@@ -5,18 +5,25 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import psutil
 from aiohttp import web
 
+from agent.access import AuditFn, install_access
 from agent.api import agent_api, health, openai
 from agent.api.errors import APIError, error_middleware, error_response
 from agent.api.routes import PUBLIC, add_routes, route_spec
+from agent.audit import AuditEntry, AuditLog
+from agent.authz import PolicyStore, configured_policy_path
+from agent.identity import Subject
+from agent.keys import load_or_create_device_key
 from agent.metrics import Metrics
 from agent.models import ModelResolver
 from agent.runtime.lifecycle import ModelManager
 from agent.settings import Settings
 from agent.state import STATE, AgentState
+from agent.tokens import TokenStore
 from registry.service import open_registry
 
 log = logging.getLogger(__name__)
@@ -68,8 +75,24 @@ def create_app(settings: Settings) -> web.Application:
         total_memory=psutil.virtual_memory().total,
         lease=registry.lease,
     )
+    sec = settings.security
+    audit = AuditLog(
+        registry.db,
+        load_or_create_device_key(settings.home),
+        checkpoint_every=sec.audit_checkpoint_every,
+        checkpoint_seconds=sec.audit_checkpoint_seconds,
+    )
+    policy = PolicyStore(configured_policy_path(settings))  # invalid: refuse to start
+    tokens = TokenStore(registry.db)
     state = AgentState(
-        settings=settings, registry=registry, manager=manager, metrics=metrics, resolver=resolver
+        settings=settings,
+        registry=registry,
+        manager=manager,
+        metrics=metrics,
+        resolver=resolver,
+        audit=audit,
+        policy=policy,
+        tokens=tokens,
     )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -77,6 +100,7 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[STATE] = state
     add_routes(app, health.ROUTES + openai.ROUTES + agent_api.ROUTES)
+    install_access(app, policy, tokens, audit=audit_recorder(audit))
     app.cleanup_ctx.append(_lifespan(state, t0))
     return app
 
@@ -96,6 +120,37 @@ def _lifespan(state: AgentState, t0: float) -> Callable[[web.Application], Async
 
 async def shutdown(state: AgentState) -> None:
     """Stop taking work, end generations, close the registry. Safe to call twice."""
-    state.stopping = True
+    if state.closed:
+        return
+    state.closed = state.stopping = True
     await state.manager.close(state.settings.server.shutdown_grace_seconds)
+    state.tokens.close()
+    state.audit.close()  # flushes: every decision made so far is durable
     state.registry.close()
+
+
+def audit_recorder(audit: AuditLog) -> AuditFn:
+    """Adapts the access layer's decisions to audit records (outcome = HTTP status)."""
+
+    def record(
+        subject: Subject | None,
+        action: str,
+        resource: str,
+        decision: str,
+        outcome: str,
+        details: dict[str, Any],
+    ) -> None:
+        audit.append(
+            AuditEntry(
+                subject=subject.display if subject is not None else "anonymous",
+                uid=subject.uid if subject is not None else None,
+                pid=subject.pid if subject is not None else None,
+                action=action,
+                resource=resource,
+                decision=decision,
+                outcome=str(details.get("status", outcome)),
+                details=details,
+            )
+        )
+
+    return record

@@ -111,10 +111,13 @@ def main(ctx: click.Context, config: Path | None, debug: bool) -> None:
 
 def _register_commands() -> None:
     # Imported here so each command module stays small and `--help` stays fast.
-    from agent import cli_device, cli_models, cli_serve
+    from agent import cli_audit, cli_device, cli_models, cli_policy, cli_serve, cli_tokens
 
     main.add_command(cli_models.models)
     main.add_command(cli_device.device)
+    main.add_command(cli_policy.policy)
+    main.add_command(cli_tokens.tokens)
+    main.add_command(cli_audit.audit)
     cli_serve.register(cli_models.models, main)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from agent.access import IDENTITIES, POLICY_STORE
 from agent.app import create_app
 from agent.server import (
     bind_unix_socket,
@@ -96,6 +97,12 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        app[POLICY_STORE].reload()  # logs; an invalid policy keeps the old one in force
+        app[IDENTITIES].invalidate()
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
     watchdog = None
     interval = watchdog_interval()
     if interval:

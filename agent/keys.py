@@ -2,9 +2,9 @@
 
 The private key lives in `<home>/keys/device-ed25519.pem` (PKCS8 PEM, unencrypted: the
 file mode is the protection, so a key file readable or writable by group or others is
-refused). The public half is also written to `device-ed25519.pub.pem` (0644) so that an
-auditor without access to the private key can verify checkpoints. Key material is never
-logged; only paths and the key id are.
+refused). The public half is also written to `device-ed25519.pub.pem` (0644, though the
+directory stays 0700) so that it can be handed to auditors, who verify checkpoints without
+the private key. Key material is never logged; only paths and the key id are.
 
 Our exception hierarchy:
 

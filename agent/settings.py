@@ -88,6 +88,20 @@ class SelectionSettings(_Section):
     )
 
 
+class SecuritySettings(_Section):
+    """Access control and audit."""
+
+    rbac_file: Path | None = Field(
+        default=None, description="RBAC policy YAML; default: the packaged policies/rbac.yaml."
+    )
+    audit_checkpoint_every: int = Field(
+        default=1000, ge=1, description="Sign an audit checkpoint every this many records."
+    )
+    audit_checkpoint_seconds: float = Field(
+        default=300.0, gt=0, description="...or at least this often while records arrive."
+    )
+
+
 class LoggingSettings(_Section):
     """Logs go to stderr (journald under systemd)."""
 
@@ -121,6 +135,9 @@ class Settings(BaseSettings):
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings, description="Inference.")
     selection: SelectionSettings = Field(
         default_factory=SelectionSettings, description="Variant selection."
+    )
+    security: SecuritySettings = Field(
+        default_factory=SecuritySettings, description="Access control and audit."
     )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 

@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from agent.audit import AuditLog
+from agent.authz import PolicyStore
 from agent.metrics import Metrics
 from agent.models import ModelResolver
 from agent.runtime.lifecycle import ModelManager
 from agent.settings import Settings
+from agent.tokens import TokenStore
 from registry.service import Registry
 
 
@@ -21,9 +24,13 @@ class AgentState:
     manager: ModelManager
     metrics: Metrics
     resolver: ModelResolver
+    audit: AuditLog
+    policy: PolicyStore
+    tokens: TokenStore
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     stopping: bool = False
+    closed: bool = False
 
 
 STATE = web.AppKey("state", AgentState)

@@ -6,6 +6,7 @@ import asyncio
 
 from aiohttp import web
 
+from agent.access import SUBJECT
 from agent.api.errors import APIError
 from agent.api.openai import parse_keep_alive, read_json
 from agent.api.routes import PUBLIC, RouteSpec
@@ -18,9 +19,13 @@ async def whoami(request: web.Request) -> web.Response:
     cred = peer_credentials(request)
     if cred is None:
         return web.json_response({"transport": "tcp"})
-    return web.json_response(
-        {"transport": "unix", "pid": cred.pid, "uid": cred.uid, "gid": cred.gid}
-    )
+    body: dict[str, object] = {"transport": "unix", "pid": cred.pid, "uid": cred.uid,
+                               "gid": cred.gid}
+    subject = request.get(SUBJECT)
+    if subject is not None:
+        body["subject"] = subject.display
+        body["groups"] = sorted(subject.groups)
+    return web.json_response(body)
 
 
 async def device(request: web.Request) -> web.Response:

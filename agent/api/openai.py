@@ -12,6 +12,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from agent.access import MODEL, USAGE
 from agent.api.errors import APIError, to_api_error
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
@@ -218,7 +219,7 @@ async def _serve(
     request: web.Request, req: _CommonRequest, gen: GenerationRequest, *, chat: bool
 ) -> web.StreamResponse:
     state = request.app[STATE]
-    request["model"] = gen.model  # for the audit record
+    request[MODEL] = gen.model  # for the audit record
     stream = state.manager.generate(gen)
     try:
         # Pull the first chunk before answering, so 404/400/429/503 get a proper status.
@@ -257,7 +258,7 @@ async def _collect(
         finish = chunk.finish_reason or finish
         chunk = await anext(stream, None)
     text = "".join(parts)
-    request["usage"] = usage.as_dict()
+    request[USAGE] = usage.as_dict()
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
@@ -342,7 +343,7 @@ async def _stream(
             }
         }
         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
-    request["usage"] = usage.as_dict()
+    request[USAGE] = usage.as_dict()
     if req.stream_options is not None and req.stream_options.include_usage:
         await send([], {"usage": usage.as_dict()})
     await resp.write(b"data: [DONE]\n\n")
