@@ -67,6 +67,7 @@ Permission = Literal[
     "models:load",
     "device:read",
     "audit:read",
+    "audit:manage",
     "metrics:read",
     "policy:write",
     "tokens:manage",

@@ -1,4 +1,4 @@
-"""The `edge-agent` command: models, device, and (later) serve/run/audit subcommands.
+"""The `edge-agent` command group: models, device, serve/run/chat/ps, policy, tokens, audit.
 
 Exit codes: 0 ok, 1 the operation failed, 2 usage or configuration error. Errors are one
 line a person can act on; `--debug` adds the traceback.
@@ -6,68 +6,18 @@ line a person can act on; `--debug` adds the traceback.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import traceback
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn
 
 import click
-from pydantic import BaseModel
 
 from agent import __version__
-from agent.settings import Settings, SettingsError, load_settings
+from agent.cli_common import Context, fail
+from agent.settings import SettingsError
 from registry.errors import RegistryError
-
-F = TypeVar("F", bound=Callable[..., Any])
-POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
-
-
-class Context:
-    """Per-invocation state: settings are read lazily so `--help` never touches disk."""
-
-    def __init__(self, config: Path | None, debug: bool) -> None:
-        self.config = config
-        self.debug = debug
-        self._settings: Settings | None = None
-
-    @property
-    def settings(self) -> Settings:
-        if self._settings is None:
-            self._settings = load_settings(self.config)
-        return self._settings
-
-
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"edge-agent: error: {message}", err=True)
-    sys.exit(code)
-
-
-def emit_json(data: Any) -> None:
-    if isinstance(data, BaseModel):
-        text = data.model_dump_json(indent=2)
-    elif isinstance(data, list) and all(isinstance(d, BaseModel) for d in data):
-        text = json.dumps([d.model_dump(mode="json") for d in data], indent=2)
-    else:
-        text = json.dumps(data, indent=2, default=str)
-    click.echo(text)
-
-
-def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "-"
-    size = float(n)
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if size < 1000 or unit == "TB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1000
-    return f"{n} B"
 
 
 class AgentGroup(click.Group):

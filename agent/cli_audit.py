@@ -21,7 +21,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import audit as auditlog
-from agent.cli import Context, emit_json, fail, json_option
+from agent.cli_access import guarded
+from agent.cli_common import Context, emit_json, fail, json_option
 from agent.keys import DeviceKeyError, key_id_of, load_device_public_key, load_public_key
 from registry.db import Database, open_database
 
@@ -103,6 +104,7 @@ def audit() -> None:
 @json_option
 @pass_ctx
 @_errors
+@guarded("audit:read")
 def tail_(ctx: Context, count: int, as_json: bool) -> None:
     """Show the most recent records, oldest first."""
     with _database(ctx) as db:
@@ -121,6 +123,7 @@ def tail_(ctx: Context, count: int, as_json: bool) -> None:
 @json_option
 @pass_ctx
 @_errors
+@guarded("audit:read")
 def show(ctx: Context, seq: int, as_json: bool) -> None:
     """Show one record in full, and the checkpoint that signs it (if any yet)."""
     with _database(ctx) as db:
@@ -151,6 +154,7 @@ def show(ctx: Context, seq: int, as_json: bool) -> None:
               show_default=True, help="JSONL: one object per line; JSON: one document.")
 @pass_ctx
 @_errors
+@guarded("audit:read")
 def export(ctx: Context, since: datetime | None, until: datetime | None, fmt: str) -> None:
     """Write records, their digests and checkpoints to stdout, verifiable by a third party."""
     with _database(ctx) as db:
@@ -190,6 +194,7 @@ def _read_export(path: Path) -> list[dict[str, Any]]:
 @json_option
 @pass_ctx
 @_errors
+@guarded("audit:read")
 def verify(ctx: Context, public_key: Path | None, export_file: Path | None, as_json: bool) -> None:
     """Recompute the hash chain and check checkpoint signatures; exit 1 if broken."""
     pub = _public_key(ctx, public_key)
@@ -211,6 +216,7 @@ def verify(ctx: Context, public_key: Path | None, export_file: Path | None, as_j
               help="Delete records up to the latest checkpoint at or below this seq.")
 @pass_ctx
 @_errors
+@guarded("audit:manage")
 def prune(ctx: Context, before: int) -> None:
     """Delete old records, never past a signed checkpoint; refuses if the chain is broken."""
     pub = _public_key(ctx, None)

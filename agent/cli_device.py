@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from agent.cli import emit_json, json_option
+from agent.cli_common import emit_json, json_option
 
 
 @click.group()

@@ -9,7 +9,8 @@ from pathlib import Path
 import click
 from tqdm import tqdm
 
-from agent.cli import Context, emit_json, human_bytes, json_option
+from agent.cli_access import guarded
+from agent.cli_common import Context, emit_json, human_bytes, json_option
 from agent.models import open_registry_for, pull_model, selection_for
 from registry.service import ModelInfo, Registry
 
@@ -42,6 +43,7 @@ def models() -> None:
 )
 @json_option
 @pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias'] or kw['path'].name}")
 def import_(
     ctx: Context, path: Path, alias: str | None, move: bool, task: str | None, as_json: bool
 ) -> None:
@@ -137,6 +139,7 @@ def _print_model(m: ModelInfo) -> None:
 @click.argument("alias")
 @click.option("--force", is_flag=True, help="Remove even while a running agent uses it.")
 @pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias']}")
 def rm(ctx: Context, alias: str, force: bool) -> None:
     """Remove a model; its files go when no other model uses them."""
     with _registry(ctx) as reg:
@@ -148,6 +151,7 @@ def rm(ctx: Context, alias: str, force: bool) -> None:
 @click.argument("alias")
 @json_option
 @pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias']}")
 def pull(ctx: Context, alias: str, as_json: bool) -> None:
     """Install a catalog model from a source available on this device."""
     with _registry(ctx) as reg:

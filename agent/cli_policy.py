@@ -15,7 +15,7 @@ from agent.authz import (
     configured_policy_path,
     load_policy,
 )
-from agent.cli import Context, emit_json, fail, json_option
+from agent.cli_common import Context, emit_json, fail, json_option
 from agent.client import AgentClient, AgentError, AgentUnavailable
 from agent.identity import subject_for_uid
 from registry.errors import PolicyError

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from agent.cli import Context, emit_json, fail, human_bytes, json_option
+from agent.cli_common import Context, emit_json, fail, human_bytes, json_option
 from agent.client import AgentClient, AgentError, AgentUnavailable
 
 pass_ctx = click.make_pass_decorator(Context)

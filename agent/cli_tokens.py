@@ -9,7 +9,8 @@ from datetime import UTC, datetime, timedelta
 import click
 
 from agent.authz import configured_policy_path, load_policy
-from agent.cli import Context, emit_json, fail, json_option
+from agent.cli_access import guarded
+from agent.cli_common import Context, emit_json, fail, json_option
 from agent.tokens import TokenError, TokenStore, parse_duration
 from registry.db import open_database
 from registry.errors import PolicyError
@@ -49,6 +50,7 @@ def tokens() -> None:
               help="Lifetime such as 30d, 12h, 90m (default: never expires).")
 @json_option
 @pass_ctx
+@guarded("tokens:manage", resource=lambda kw: f"token:{kw['name']}")
 def create(ctx: Context, name: str, role: str, expires: timedelta | None, as_json: bool) -> None:
     """Create a token and print it once; only a hash of its secret is kept."""
     path = configured_policy_path(ctx.settings)
@@ -75,6 +77,7 @@ def create(ctx: Context, name: str, role: str, expires: timedelta | None, as_jso
 @tokens.command("list")
 @json_option
 @pass_ctx
+@guarded("tokens:manage")
 def list_(ctx: Context, as_json: bool) -> None:
     """List tokens: name, role, status and dates (never secrets)."""
     with _store(ctx) as store:
@@ -97,6 +100,7 @@ def list_(ctx: Context, as_json: bool) -> None:
 @tokens.command("revoke")
 @click.argument("name")
 @pass_ctx
+@guarded("tokens:manage", resource=lambda kw: f"token:{kw['name']}")
 def revoke(ctx: Context, name: str) -> None:
     """Revoke a token; the daemon refuses it from its next request on."""
     with _store(ctx) as store:

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 ENV_PREFIX = "EDGE_AGENT_"
@@ -49,6 +49,18 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="How long in-flight requests may finish on SIGTERM."
     )
+
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal(cls, v: object) -> object:
+        # Modes are written in octal ("0660", "0o660"); a bare int is taken as is.
+        if isinstance(v, str) and v.strip().startswith("0"):
+            try:
+                return int(v.strip().removeprefix("0o").removeprefix("0O") or "0", 8)
+            except ValueError:
+                return v
+        return v
 
 
 class RuntimeSettings(_Section):

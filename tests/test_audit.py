@@ -344,7 +344,8 @@ def test_cli_prune_refuses_a_broken_chain(home: Path) -> None:
     cli = run_cli(home, "prune", "--before", "30")
     assert cli.exit_code == 1
     assert "refusing to prune" in cli.stderr
-    assert raw_rows(home, "SELECT COUNT(*) FROM audit_records")[0][0] == 34
+    # nothing pruned: the 34 left by the tamper, plus the CLI's own audit record
+    assert raw_rows(home, "SELECT COUNT(*) FROM audit_records")[0][0] == 35
 
 
 def test_deleting_past_the_prune_checkpoint_is_named(home: Path, db: Database) -> None:
@@ -605,7 +606,7 @@ def test_cli_tail_and_show(home: Path) -> None:
     assert out.exit_code == 0, out.output
     assert [line.split()[0] for line in out.stdout.splitlines()] == ["10", "11", "12"]
     as_json = json.loads(run_cli(home, "tail", "-n", "2", "--json").stdout)
-    assert [r["seq"] for r in as_json] == [11, 12]
+    assert [r["seq"] for r in as_json] == [12, 13]  # 13: the first `tail`, itself audited
     show = run_cli(home, "show", "5", "--json")
     data = json.loads(show.stdout)
     assert data["seq"] == 5 and data["checkpoint"]["seq"] == 10

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 import uuid
@@ -18,6 +19,7 @@ from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
 
+log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -220,6 +222,8 @@ async def _serve(
 ) -> web.StreamResponse:
     state = request.app[STATE]
     request[MODEL] = gen.model  # for the audit record
+    if state.settings.logging.log_content:  # off by default: prompts are private
+        log.info("content: %s prompt %r", gen.model, gen.messages or gen.prompt)
     stream = state.manager.generate(gen)
     try:
         # Pull the first chunk before answering, so 404/400/429/503 get a proper status.
@@ -259,6 +263,8 @@ async def _collect(
         chunk = await anext(stream, None)
     text = "".join(parts)
     request[USAGE] = usage.as_dict()
+    if request.app[STATE].settings.logging.log_content:
+        log.info("content: %s completion %r", req.model, text)
     if chat:
         choice: dict[str, Any] = {
             "index": 0,
