@@ -20,7 +20,8 @@ from agent.hardware import RUNTIMES_JSON, detect, summary
 from registry.profile import HardwareProfile
 
 HW = Path(__file__).parent / "fixtures" / "hw"
-CAPTURES = Path("/work/shared/hw-fixtures")
+# shared/ sits beside the checkout (as CI lays it out)
+CAPTURES = Path(__file__).resolve().parents[2] / "shared" / "hw-fixtures"
 MiB, GiB = 2**20, 2**30
 
 
