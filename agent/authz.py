@@ -36,6 +36,7 @@ from pydantic import (
 from agent.identity import Subject
 from agent.settings import Settings
 from registry.errors import PolicyError
+from registry.yamlfile import line_of, read_yaml
 
 __all__ = [
     "DEFAULT_RBAC_PATH",
@@ -344,44 +345,12 @@ def _dotted(loc: Sequence[int | str]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
-def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int:
-    """1-based line of the deepest YAML node `loc` reaches (the parent if a key is missing)."""
-    node = root
-    line = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        nxt: yaml.Node | None = None
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    nxt, line = v, k.start_mark.line + 1
-                    break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and (
-            0 <= part < len(node.value)
-        ):
-            nxt = node.value[part]
-            line = nxt.start_mark.line + 1
-        if nxt is not None:
-            node = nxt
-    return line
-
-
 def load_policy(path: Path, *, self_uid: int | None = None) -> RbacPolicy:
     """Read and validate the RBAC policy at `path`.
 
     Raises `PolicyError` whose message is '<file>:<line>: <field>: <why>' per problem.
     """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PolicyError(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        raise PolicyError(f"{where}: invalid YAML: {getattr(e, 'problem', None) or e}") from e
-    if data is None:
-        data = {}
+    text, data = read_yaml(path, PolicyError)
     try:
         policy = RbacPolicy.model_validate(data, context={"defer_references": True})
         issues = reference_issues(policy)
@@ -390,7 +359,7 @@ def load_policy(path: Path, *, self_uid: int | None = None) -> RbacPolicy:
     if issues:
         root = yaml.compose(text)
         raise PolicyError("; ".join(
-            f"{path}:{_line_of(root, loc)}: {_dotted(loc)}: {msg}" for loc, msg in issues
+            f"{path}:{line_of(root, loc)}: {_dotted(loc)}: {msg}" for loc, msg in issues
         ))
     return policy if self_uid is None else policy.bind_self(self_uid)
 

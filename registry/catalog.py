@@ -17,16 +17,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
-from collections.abc import Sequence
 from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal, Self, TypeVar
+from typing import Annotated, Literal, Self
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from registry.errors import RegistryError
 from registry.types import BITS_PER_WEIGHT, Format, Target, Task, VariantSpec
+from registry.yamlfile import load_yaml_model
 
 __all__ = [
     "CATALOG_PATH",
@@ -39,7 +38,6 @@ __all__ = [
     "PypiFile",
     "Source",
     "load_catalog",
-    "load_yaml_model",
     "locate_offline",
 ]
 
@@ -246,71 +244,10 @@ class Catalog(_Frozen):
         )
 
 
-_M = TypeVar("_M", bound=BaseModel)
-
-
-def load_yaml_model(
-    path: Path, model: type[_M], error: type[Exception] = CatalogError
-) -> _M:
-    """Parse YAML at `path` into `model`; invalid input raises `error` naming file:line and field.
-
-    An empty file validates as an empty mapping.
-    """
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise error(f"{path}: cannot read: {e.strerror or e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
-        problem = getattr(e, "problem", None) or str(e)
-        raise error(f"{where}: invalid YAML: {problem}") from e
-    if data is None:
-        data = {}
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        root = yaml.compose(text)
-        lines = []
-        for err in e.errors():
-            loc = err["loc"]
-            field = ".".join(str(p) for p in loc) or "(top level)"
-            lines.append(f"{path}:{_line_of(root, loc)}: {field}: {err['msg']}")
-        raise error("; ".join(lines)) from e
-
-
-def _line_of(root: yaml.Node | None, loc: Sequence[int | str]) -> int:
-    """1-based line of the deepest YAML node `loc` reaches (the parent if a key is missing)."""
-    node = root
-    line = node.start_mark.line + 1 if node is not None else 1
-    for part in loc:
-        nxt: yaml.Node | None = None
-        if isinstance(node, yaml.MappingNode):
-            for k, v in node.value:
-                if isinstance(k, yaml.ScalarNode) and k.value == str(part):
-                    nxt = v
-                    line = k.start_mark.line + 1
-                    break
-        elif (
-            isinstance(node, yaml.SequenceNode)
-            and isinstance(part, int)
-            and 0 <= part < len(node.value)
-        ):
-            nxt = node.value[part]
-            line = nxt.start_mark.line + 1
-        if nxt is None:
-            # e.g. the tag of a discriminated union, or a missing key: stay where we are
-            continue
-        node = nxt
-    return line
-
-
 @cache
 def load_catalog() -> Catalog:
     """The built-in catalog, validated once per process."""
-    return load_yaml_model(CATALOG_PATH, Catalog)
+    return load_yaml_model(CATALOG_PATH, Catalog, CatalogError)
 
 
 def _package_dir(module: str) -> Path | None:

@@ -10,6 +10,8 @@ Our exception hierarchy:
   + IntegrityError     - content does not match its expected sha256
   + NoVariantFits      - selection: no variant fits this device and policy
   + PolicyError        - a policy file is invalid
+  + CatalogError       - the built-in catalog is invalid (registry.catalog)
+  + AliasConflict      - an alias already names another file (registry.service)
 
 Every message is one line that a person can act on; it is what the CLI prints.
 """

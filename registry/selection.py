@@ -38,10 +38,10 @@ from pydantic import (
 )
 
 from registry import errors
-from registry.catalog import load_yaml_model
 from registry.errors import PolicyError
 from registry.profile import GpuInfo, HardwareProfile
 from registry.types import BITS_PER_WEIGHT, QUALITY_RANK, VariantSpec, quality_rank
+from registry.yamlfile import load_yaml_model
 
 __all__ = [
     "DEFAULT_POLICY_PATH",

@@ -17,11 +17,11 @@ from registry.catalog import (
     PypiFile,
     Source,
     load_catalog,
-    load_yaml_model,
     locate_offline,
 )
 from registry.errors import RegistryError
 from registry.types import BITS_PER_WEIGHT, GB, QUALITY_RANK, VariantSpec
+from registry.yamlfile import load_yaml_model
 
 SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
@@ -258,7 +258,7 @@ models:
 def test_invalid_catalog_names_file_line_and_field(tmp_path: Path) -> None:
     path = _write(tmp_path, _MODEL % "Q9_9")
     with pytest.raises(CatalogError) as e:
-        load_yaml_model(path, Catalog)
+        load_yaml_model(path, Catalog, CatalogError)
     msg = str(e.value)
     assert f"{path}:10:" in msg and "models.0.variants.0" in msg and "Q9_9" in msg
     assert isinstance(e.value, RegistryError)
@@ -268,17 +268,17 @@ def test_duplicate_alias_rejected(tmp_path: Path) -> None:
     body = _MODEL % "Q4_0"
     path = _write(tmp_path, body + body.removeprefix("models:\n"))
     with pytest.raises(CatalogError, match="duplicate alias 'a'"):
-        load_yaml_model(path, Catalog)
+        load_yaml_model(path, Catalog, CatalogError)
 
 
 def test_unknown_catalog_field_rejected(tmp_path: Path) -> None:
     text = (_MODEL % "Q4_0").replace("license: MIT", "license: MIT\n    lisense: x")
     path = _write(tmp_path, text)
     with pytest.raises(CatalogError, match=r":9: models\.0\.lisense: Extra inputs"):
-        load_yaml_model(path, Catalog)
+        load_yaml_model(path, Catalog, CatalogError)
 
 
 def test_bad_yaml_names_the_line(tmp_path: Path) -> None:
     path = _write(tmp_path, "models:\n  - alias: [\n")
     with pytest.raises(CatalogError, match=rf"{path}:3: invalid YAML"):
-        load_yaml_model(path, Catalog)
+        load_yaml_model(path, Catalog, CatalogError)
