@@ -18,8 +18,9 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(STAMP)
 
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock requirements-build.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --require-virtualenv -r requirements-build.txt
 	$(PY) -m pip install --quiet --no-deps --require-virtualenv -r requirements.lock
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --require-virtualenv -e .
 	@touch $(STAMP)
