@@ -6,6 +6,7 @@ line a person can act on; `--debug` adds the traceback.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import sys
 import traceback
@@ -43,7 +44,39 @@ class AgentGroup(click.Group):
         fail(str(exc), code)
 
 
-@click.group(cls=AgentGroup)
+class LazyGroup(AgentGroup):
+    """Imports a command's module only when that command runs: `serve` stays lean."""
+
+    def __init__(self, *args: Any, lazy: dict[str, str], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name in self.lazy:
+            module, attr = self.lazy[name].split(":")
+            cmd = getattr(importlib.import_module(module), attr)
+            assert isinstance(cmd, click.Command)
+            return cmd
+        return super().get_command(ctx, name)
+
+
+COMMANDS = {
+    "models": "agent.cli_models:models",
+    "device": "agent.cli_device:device",
+    "policy": "agent.cli_policy:policy",
+    "tokens": "agent.cli_tokens:tokens",
+    "audit": "agent.cli_audit:audit",
+    "serve": "agent.cli_serve:serve",
+    "run": "agent.cli_serve:run",
+    "chat": "agent.cli_serve:chat",
+    "ps": "agent.cli_serve:ps",
+}
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS)
 @click.version_option(__version__, prog_name="edge-agent")
 @click.option(
     "--config",
@@ -58,17 +91,3 @@ def main(ctx: click.Context, config: Path | None, debug: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING, stream=sys.stderr)
     ctx.obj = Context(config, debug)
 
-
-def _register_commands() -> None:
-    # Imported here so each command module stays small and `--help` stays fast.
-    from agent import cli_audit, cli_device, cli_models, cli_policy, cli_serve, cli_tokens
-
-    main.add_command(cli_models.models)
-    main.add_command(cli_device.device)
-    main.add_command(cli_policy.policy)
-    main.add_command(cli_tokens.tokens)
-    main.add_command(cli_audit.audit)
-    cli_serve.register(cli_models.models, main)
-
-
-_register_commands()

@@ -7,7 +7,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import click
-from tqdm import tqdm
 
 from agent.cli_access import guarded
 from agent.cli_common import Context, emit_json, human_bytes, json_option
@@ -48,6 +47,7 @@ def import_(
     ctx: Context, path: Path, alias: str | None, move: bool, task: str | None, as_json: bool
 ) -> None:
     """Import a GGUF or ONNX file; its metadata is read from the file itself."""
+    from tqdm import tqdm
     size = path.stat().st_size if path.is_file() else 0
     with (
         _registry(ctx) as reg,
@@ -185,3 +185,27 @@ def select(ctx: Context, alias: str, explain: bool, root: Path | None, as_json: 
     if explain:
         for c in sel.candidates:
             click.echo(f"  {c.variant.name:<32} {c.label:<10} {'; '.join(c.reasons)}")
+
+
+@models.command("load")
+@click.argument("alias")
+@click.option("--keep-alive", default=None, help="Seconds or '5m'; negative: forever.")
+@pass_ctx
+def load(ctx: Context, alias: str, keep_alive: str | None) -> None:
+    """Load a model in the running agent now."""
+    from agent.cli_serve import call
+
+    body = {"keep_alive": keep_alive} if keep_alive is not None else {}
+    m = call(ctx, "POST", f"/agent/v1/models/{alias}/load", body)
+    click.echo(f"loaded {m['alias']} ({m['variant']}, {human_bytes(m['memory_bytes'])})")
+
+
+@models.command("unload")
+@click.argument("alias")
+@pass_ctx
+def unload(ctx: Context, alias: str) -> None:
+    """Unload a model from the running agent."""
+    from agent.cli_serve import call
+
+    r = call(ctx, "POST", f"/agent/v1/models/{alias}/unload", {})
+    click.echo(f"unloaded {alias}" if r["unloaded"] else f"{alias} was not loaded")

@@ -18,7 +18,8 @@ def _client(ctx: Context) -> AgentClient:
     return AgentClient(ctx.settings.socket)
 
 
-def _call(ctx: Context, method: str, path: str, body: Any = None) -> Any:
+def call(ctx: Context, method: str, path: str, body: Any = None) -> Any:
+    """One API call to the running daemon; a failure is a one-line error, exit 1."""
     with _client(ctx) as client:
         try:
             return client.request(method, path, body)
@@ -107,7 +108,7 @@ def run(ctx: Context, alias: str, system: str | None) -> None:
 @pass_ctx
 def ps(ctx: Context, as_json: bool) -> None:
     """List the models the running agent has loaded."""
-    data = _call(ctx, "GET", "/agent/v1/loaded")
+    data = call(ctx, "GET", "/agent/v1/loaded")
     if as_json:
         emit_json(data)
         return
@@ -129,26 +130,3 @@ def _until(expires_at: float, now: float) -> str:
     # The agent reports expiry on its monotonic clock plus wall offset (seconds from now).
     left = max(0, int(expires_at - now))
     return f"{left // 60}m{left % 60:02d}s"
-
-
-def register(models_group: click.Group, main: click.Group) -> None:
-    for cmd in (serve, run, chat, ps):
-        main.add_command(cmd)
-
-    @models_group.command("load")
-    @click.argument("alias")
-    @click.option("--keep-alive", default=None, help="Seconds or '5m'; negative: forever.")
-    @pass_ctx
-    def load(ctx: Context, alias: str, keep_alive: str | None) -> None:
-        """Load a model in the running agent now."""
-        body = {"keep_alive": keep_alive} if keep_alive is not None else {}
-        m = _call(ctx, "POST", f"/agent/v1/models/{alias}/load", body)
-        click.echo(f"loaded {m['alias']} ({m['variant']}, {human_bytes(m['memory_bytes'])})")
-
-    @models_group.command("unload")
-    @click.argument("alias")
-    @pass_ctx
-    def unload(ctx: Context, alias: str) -> None:
-        """Unload a model from the running agent."""
-        r = _call(ctx, "POST", f"/agent/v1/models/{alias}/unload", {})
-        click.echo(f"unloaded {alias}" if r["unloaded"] else f"{alias} was not loaded")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpx
+if TYPE_CHECKING:  # imported when a client is made: `edge-agent serve` never needs httpx
+    import httpx
 
 
 class AgentUnavailable(Exception):
@@ -18,6 +19,8 @@ class AgentClient:
     """Talks HTTP to the daemon over its Unix socket."""
 
     def __init__(self, socket_path: Path, timeout: float = 600.0) -> None:
+        import httpx
+
         self.socket_path = socket_path
         self._http = httpx.Client(
             transport=httpx.HTTPTransport(uds=str(socket_path)),
@@ -41,6 +44,8 @@ class AgentClient:
         )
 
     def request(self, method: str, path: str, body: Any = None) -> Any:
+        import httpx
+
         try:
             resp = self._http.request(method, path, json=body)
         except (httpx.ConnectError, FileNotFoundError) as exc:
@@ -51,6 +56,8 @@ class AgentClient:
         self, model: str, messages: list[dict[str, str]], **params: Any
     ) -> Iterator[str]:
         """Yield text deltas of a streamed chat completion."""
+        import httpx
+
         body = {"model": model, "messages": messages, "stream": True, **params}
         try:
             with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:

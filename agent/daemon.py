@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import signal
@@ -70,6 +71,10 @@ def serve(settings: Settings) -> int:
     identity = None if inherited else socket_identity(settings.socket)
     try:
         app = create_app(settings)
+        # Start-up leaves ~140k long-lived objects; a full GC pass over them stalls the
+        # event loop for 50-70 ms. Freeze them out of GC (bench/serve.py, p99 latency).
+        gc.collect()
+        gc.freeze()
         asyncio.run(_run(app, socks, settings))
     finally:
         if identity is not None:

@@ -10,16 +10,16 @@ from __future__ import annotations
 import tempfile
 import threading
 from pathlib import Path
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from agent.runtime.types import ResolvedModel
 from agent.settings import Settings
-from registry.catalog import load_catalog, locate_offline
 from registry.errors import NoSourceAvailable
-from registry.profile import HardwareProfile
-from registry.selection import Selection, SelectionPolicy, load_policy, select
 from registry.service import ImportResult, Registry, open_registry
+
+if TYPE_CHECKING:  # selection's models cost ~3 MB: the daemon loads them on first use
+    from registry.profile import HardwareProfile
+    from registry.selection import Selection, SelectionPolicy
 
 POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
 
@@ -36,6 +36,8 @@ def policy_path(settings: Settings) -> Path | None:
 
 
 def load_selection_policy(settings: Settings) -> SelectionPolicy:
+    from registry.selection import load_policy
+
     policy = load_policy(policy_path(settings))
     # The runtime's context window is what the KV cache is sized for.
     return policy.model_copy(update={"context_length": settings.runtime.context_length})
@@ -43,6 +45,8 @@ def load_selection_policy(settings: Settings) -> SelectionPolicy:
 
 def pull_model(reg: Registry, alias: str, *, progress: bool = True) -> ImportResult:
     """Install a catalog model from an offline source on this device, verified by sha256."""
+    from registry.catalog import load_catalog, locate_offline
+
     entry = load_catalog().find(alias)
     if entry is None:
         known = ", ".join(load_catalog().aliases)
@@ -55,6 +59,8 @@ def pull_model(reg: Registry, alias: str, *, progress: bool = True) -> ImportRes
             f"(e.g. from {upstream}) and run `edge-agent models import FILE --alias {alias}`, "
             "or deploy it from the fleet controller"
         )
+    from tqdm import tqdm  # CLI-only: the daemon does not import it
+
     variant = offline[0]
     with tempfile.TemporaryDirectory(dir=reg.home, prefix="pull-") as work:
         path = locate_offline(variant, Path(work))
@@ -117,6 +123,9 @@ class ModelResolver:
 
     def selection(self, alias: str) -> Selection:
         """Selection among this device's installed variants plus the catalog's."""
+        from registry.catalog import load_catalog
+        from registry.selection import select
+
         installed = self.registry.variant_specs(alias)
         names = {v.name for v in installed}
         entry = load_catalog().find(alias)
@@ -125,6 +134,8 @@ class ModelResolver:
 
     def resolve(self, alias: str) -> ResolvedModel:
         """The installed variant to load for `alias` (ModelNotFound if not installed)."""
+        from registry.selection import select
+
         info = self.registry.get(alias)
         installed = self.registry.variant_specs(alias)
         sel = select(installed, self.profile(), self.policy(), model_alias=alias)

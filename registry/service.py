@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
@@ -23,10 +23,12 @@ from sqlalchemy.orm import Session, selectinload
 
 from registry.db import Database, open_database
 from registry.errors import InvalidModelFile, ModelInUse, ModelNotFound, RegistryError
-from registry.importers import FileMetadata, read_metadata
 from registry.schema import Artifact, Model, ModelEvent, Variant
 from registry.store import BlobStore
 from registry.types import Task, VariantSpec, bits_per_weight
+
+if TYPE_CHECKING:  # the readers pull in gguf, numpy and onnx: only imports need them
+    from registry.importers import FileMetadata
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 Progress = Callable[[int], object]
@@ -189,36 +191,36 @@ class Registry:
     # -- reads -----------------------------------------------------------------------
 
     def list_models(self) -> list[ModelInfo]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.scalars(
                 select(Model).options(selectinload(Model.variants)).order_by(Model.alias)
             )
             return [_model_info(m) for m in rows]
 
     def get(self, alias: str) -> ModelInfo:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return _model_info(self._model(s, alias))
 
     def aliases(self) -> list[str]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             return list(s.scalars(select(Model.alias).order_by(Model.alias)))
 
     def events(self, alias: str) -> list[EventInfo]:
-        with self.db.session() as s:
+        with self.db.read() as s:
             rows = s.scalars(
                 select(ModelEvent).where(ModelEvent.alias == alias).order_by(ModelEvent.id)
             )
             return [EventInfo(time=e.time, kind=e.kind, details=dict(e.details)) for e in rows]
 
     def chat_template(self, alias: str, variant: str) -> str | None:
-        with self.db.session() as s:
+        with self.db.read() as s:
             m = self._model(s, alias)
             v = next((v for v in m.variants if v.name == variant), None)
             return v.chat_template if v else None
 
     def variant_specs(self, alias: str) -> list[VariantSpec]:
         """The installed variants of a model, as selection reads them."""
-        with self.db.session() as s:
+        with self.db.read() as s:
             m = self._model(s, alias)
             return [
                 VariantSpec(
@@ -275,6 +277,8 @@ class Registry:
         source: str = "import",
     ) -> ImportResult:
         """Verify a model file, store it by content and record it; a repeat is a no-op."""
+        from registry.importers import read_metadata
+
         if not path.is_file():
             raise InvalidModelFile(f"{path}: no such file")
         meta = read_metadata(path)  # refuses anything that is not a valid GGUF/ONNX

@@ -37,7 +37,10 @@ UNGUARDED = {
 
 def _commands(group: click.Group, prefix: str = "") -> dict[str, click.Command]:
     out: dict[str, click.Command] = {}
-    for name, cmd in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        cmd = group.get_command(ctx, name)
+        assert cmd is not None
         path = f"{prefix}{name}"
         if isinstance(cmd, click.Group):
             out.update(_commands(cmd, path + " "))

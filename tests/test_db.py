@@ -56,3 +56,9 @@ def test_reopening_is_a_no_op(tmp_path: Path) -> None:
     db = open_database(tmp_path / "registry.db")
     assert db.current_revision() == head_revision()
     db.close()
+
+
+def test_head_revision_constant_matches_the_migration_scripts() -> None:
+    from registry.db import HEAD_REVISION
+
+    assert head_revision() == HEAD_REVISION

@@ -63,6 +63,10 @@ class _Slot:
     resolved: ResolvedModel
     backend: Backend
     lease: contextlib.AbstractContextManager[Any] | None
+    # The one thread that ever calls into this model. llama.cpp's OpenMP build keeps a
+    # worker team per calling thread; a second caller doubles the teams and slows every
+    # token by ~40% on a small device (measured in bench/serve.py).
+    executor: ThreadPoolExecutor
     loaded_at: float  # wall clock, for display
     last_used: float  # manager clock
     keep_alive: float  # seconds; negative: forever
@@ -107,9 +111,6 @@ class ModelManager:
         self._load_locks: dict[str, asyncio.Lock] = {}
         self._admitted: dict[str, int] = {}  # requests per alias not yet finished
         self._reserved: dict[str, int] = {}  # memory of loads in progress
-        self._executor = ThreadPoolExecutor(
-            max_workers=settings.max_loaded_models + 1, thread_name_prefix="edge-agent-gen"
-        )
         self._ticker: asyncio.Task[None] | None = None
         self._closing = False
         self._closed: asyncio.Event | None = None
@@ -146,7 +147,6 @@ class ModelManager:
             while self._reserved:  # loads in flight notice `_closing` and undo themselves
                 await self._wait_activity(None)
             await self._close_slots(self._detach(list(self._slots)))
-            self._executor.shutdown(wait=True)
         finally:
             self._closed.set()
 
@@ -214,7 +214,7 @@ class ModelManager:
                 loop = asyncio.get_running_loop()
                 queue: asyncio.Queue[Any] = asyncio.Queue()
                 worker = loop.run_in_executor(
-                    self._executor, self._work, slot.backend, request, cancel, loop, queue
+                    slot.executor, self._work, slot.backend, request, cancel, loop, queue
                 )
                 slot.worker, slot.cancel = worker, cancel
             finally:
@@ -306,10 +306,13 @@ class ModelManager:
         detached = self._detach(victims)
         self._reserved[alias] = need
         started = time.perf_counter()
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{alias}")
+        loop = asyncio.get_running_loop()
         try:
             await self._close_slots(detached)
-            backend, lease = await asyncio.to_thread(self._open, resolved)
+            backend, lease = await loop.run_in_executor(executor, self._open, resolved)
         except BaseException as exc:
+            executor.shutdown(wait=False)
             self._metrics.load_failures.labels(model=alias).inc()
             if isinstance(exc, ModelLoadFailed | RegistryError) or not isinstance(exc, Exception):
                 raise
@@ -318,13 +321,15 @@ class ModelManager:
             del self._reserved[alias]
             self._notify()
         if self._closing:  # close() began while this loaded; it is not waiting for us
-            await asyncio.to_thread(self._close_backend, backend, lease)
+            await loop.run_in_executor(executor, self._close_backend, backend, lease)
+            executor.shutdown(wait=False)
             raise Stopping("the agent is shutting down")
         self._metrics.load_seconds.labels(model=alias).observe(time.perf_counter() - started)
         slot = _Slot(
             resolved=resolved,
             backend=backend,
             lease=lease,
+            executor=executor,
             loaded_at=time.time(),
             last_used=self._clock(),
             keep_alive=self._settings.keep_alive_seconds,
@@ -398,12 +403,17 @@ class ModelManager:
             if slot.worker is not None:  # never free a model under a running thread
                 with contextlib.suppress(BaseException):
                     await asyncio.shield(slot.worker)
+            loop = asyncio.get_running_loop()
             try:
-                await asyncio.to_thread(self._close_backend, slot.backend, slot.lease)
+                await loop.run_in_executor(
+                    slot.executor, self._close_backend, slot.backend, slot.lease
+                )
             except Exception:
                 log.exception("error while unloading %s", alias)
             else:
                 log.info("unloaded %s", alias)
+            finally:
+                slot.executor.shutdown(wait=False)
 
     @staticmethod
     def _close_backend(
