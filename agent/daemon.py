@@ -9,12 +9,14 @@ import json
 import logging
 import signal
 import sys
+import time
 from pathlib import Path
 
 from aiohttp import web
 
 from agent.access import IDENTITIES, POLICY_STORE
 from agent.app import create_app
+from agent.audit import AuditEntry
 from agent.server import (
     bind_unix_socket,
     inherited_sockets,
@@ -104,8 +106,25 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        app[POLICY_STORE].reload()  # logs; an invalid policy keeps the old one in force
+        store = app[POLICY_STORE]
+        # systemd's notify-reload protocol: RELOADING=1 ... READY=1 once it took effect.
+        notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        ok, message = store.reload()  # logs; an invalid policy keeps the old one in force
         app[IDENTITIES].invalidate()
+        # A signal carries no identity we can read: the record names the signal.
+        app[STATE].audit.append(
+            AuditEntry(
+                subject="signal:SIGHUP",
+                pid=None,
+                uid=None,
+                action="policy:write",
+                resource=f"policy:{store.path}",
+                decision="allow",
+                outcome="ok" if ok else "rejected",
+                details={"message": message},
+            )
+        )
+        notify("READY=1")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     watchdog = None

@@ -7,10 +7,12 @@ re-read that makes revocation immediate; Argon2 is cached). Timed per iteration 
 perf_counter_ns, interleaved with a same-process baseline (a dict lookup) whose ratio
 survives a noisy machine. Writes bench/results/authz.json.
 
-The audit append here is an in-memory list append (`--audit memory`) or nothing
-(`--audit none`): the real AuditLog (hash chain in SQLite) is measured by its own bench.
+The audit append is the daemon's real one by default (`--audit log`: AuditLog behind
+app.audit_recorder, its writer thread hashing and committing batches meanwhile); an
+in-memory list (`--audit memory`) or nothing (`--audit none`) isolate the rest. Durable
+throughput of the log itself is bench/authz_audit.py.
 
-    .venv/bin/python bench/authz.py [--iterations 100000] [--audit memory|none]
+    .venv/bin/python bench/authz.py [--iterations 100000] [--audit log|memory|none]
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def summary(us: list[float]) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--iterations", type=int, default=100_000)
-    ap.add_argument("--audit", choices=["memory", "none"], default="memory")
+    ap.add_argument("--audit", choices=["log", "memory", "none"], default="log")
     args = ap.parse_args()
     n = args.iterations
 
@@ -93,9 +95,22 @@ def main() -> None:
     ids = IdentityCache(lookup=fake_lookup)
     cred = PeerCredentials(pid=4321, uid=1000, gid=1000)
     records: list[tuple[Any, ...]] = []
+    db = open_database(tmp / "registry.db")
+    audit_log = None
+    if args.audit == "log":
+        # The daemon's own path: AuditLog (hash chain, batched writer thread, SQLite)
+        # behind the same adapter app.py installs.
+        from agent.app import audit_recorder
+        from agent.audit import AuditLog
+        from agent.keys import load_or_create_device_key
+
+        audit_log = AuditLog(db, load_or_create_device_key(tmp))
+        record = audit_recorder(audit_log)
 
     def audit(*entry: Any) -> None:
-        if args.audit == "memory":
+        if audit_log is not None:
+            record(*entry)
+        elif args.audit == "memory":
             records.append(entry)
             if len(records) > 10_000:
                 records.clear()
@@ -107,7 +122,6 @@ def main() -> None:
         audit(s, "inference:invoke", "model:smollm2-135m", "allow", "ok",
               {"binding": d.binding, "latency_ms": 1.0})
 
-    db = open_database(tmp / "registry.db")
     store = TokenStore(db, cache_ttl=3600)
     token, _ = store.create("ci", "viewer")
     store.verify(token)  # the one Argon2 verification; later ones hit the cache
@@ -145,6 +159,8 @@ def main() -> None:
         tok_us += timed(token_request, chunk)
         base_us += timed(baseline, chunk)
     store.close()
+    if audit_log is not None:
+        audit_log.close()  # flushes: every appended record is written before we finish
     db.close()
 
     uid_s, tok_s, base_s = summary(uid_us), summary(tok_us), summary(base_us)

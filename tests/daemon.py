@@ -56,8 +56,9 @@ class Daemon:
         self.wait_for("READY=1")
         return self
 
-    def wait_for(self, message: str) -> None:
-        while message not in self.messages:
+    def wait_for(self, message: str, count: int = 1) -> None:
+        """Block until the daemon has sent `message` `count` times over sd_notify."""
+        while self.messages.count(message) < count:
             try:
                 data = self.notify.recv(4096).decode()
             except TimeoutError as exc:
