@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import psutil
 from aiohttp import web
 
 from agent.access import AuditFn, install_access
@@ -72,7 +72,7 @@ def create_app(settings: Settings) -> web.Application:
         settings.runtime,
         resolver.resolve,
         metrics,
-        total_memory=psutil.virtual_memory().total,
+        total_memory=_total_memory(),
         lease=registry.lease,
     )
     sec = settings.security
@@ -103,6 +103,11 @@ def create_app(settings: Settings) -> web.Application:
     install_access(app, policy, tokens, audit=audit_recorder(audit))
     app.cleanup_ctx.append(_lifespan(state, t0))
     return app
+
+
+def _total_memory() -> int:
+    """Physical RAM in bytes (sysconf: no extra module in the daemon's footprint)."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def _lifespan(state: AgentState, t0: float) -> Callable[[web.Application], AsyncIterator[None]]:
