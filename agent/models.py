@@ -20,6 +20,8 @@ from registry.service import ImportResult, Registry, open_registry
 if TYPE_CHECKING:  # selection's models cost ~3 MB: the daemon loads them on first use
     from registry.profile import HardwareProfile
     from registry.selection import Selection, SelectionPolicy
+    from registry.selection_index import VariantIndex
+    from registry.types import VariantSpec
 
 POLICIES_DIR = Path(__file__).resolve().parent.parent / "policies"
 
@@ -105,6 +107,8 @@ class ModelResolver:
         self._profile: HardwareProfile | None = None
         self._policy: SelectionPolicy | None = None
         self._lock = threading.Lock()
+        # alias -> (the variants it was built from, their prepared index)
+        self._indexes: dict[str, tuple[tuple[VariantSpec, ...], VariantIndex]] = {}
 
     def profile(self) -> HardwareProfile:
         with self._lock:
@@ -124,21 +128,33 @@ class ModelResolver:
     def selection(self, alias: str) -> Selection:
         """Selection among this device's installed variants plus the catalog's."""
         from registry.catalog import load_catalog
-        from registry.selection import select
 
         installed = self.registry.variant_specs(alias)
         names = {v.name for v in installed}
         entry = load_catalog().find(alias)
         extra = [s for s in entry.specs() if s.name not in names] if entry else []
-        return select([*installed, *extra], self.profile(), self.policy(), model_alias=alias)
+        return self._index(alias, [*installed, *extra]).select(
+            self.profile(), self.policy(), model_alias=alias
+        )
+
+    def _index(self, alias: str, variants: list[VariantSpec]) -> VariantIndex:
+        """The prepared index of `variants`, rebuilt only when they change."""
+        from registry.selection_index import VariantIndex
+
+        key = tuple(variants)
+        with self._lock:
+            cached = self._indexes.get(alias)
+            if cached is None or cached[0] != key:
+                cached = self._indexes[alias] = (key, VariantIndex(key))
+            return cached[1]
 
     def resolve(self, alias: str) -> ResolvedModel:
         """The installed variant to load for `alias` (ModelNotFound if not installed)."""
-        from registry.selection import select
-
         info = self.registry.get(alias)
         installed = self.registry.variant_specs(alias)
-        sel = select(installed, self.profile(), self.policy(), model_alias=alias)
+        sel = self._index(f"installed:{alias}", installed).select(
+            self.profile(), self.policy(), model_alias=alias
+        )
         chosen = sel.chosen
         assert chosen.sha256 is not None  # installed variants always have their blob
         return ResolvedModel(

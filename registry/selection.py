@@ -7,7 +7,9 @@ winner with a verdict and reasons for every candidate. The rules are in docs/sel
 
 The hot path is O(n) with per-candidate work limited to a few attribute reads and dict
 look-ups; the ranking of the losers and the `Candidate` objects are built only when
-`Selection.candidates` is read.
+`Selection.candidates` is read. For repeated selection over the same variants,
+`registry.selection_index.VariantIndex` prepares them once as columns and returns the
+same `Selection` an order of magnitude faster; it reuses this module's private helpers.
 
 Exceptions (part of the `registry.errors` tree):
 
@@ -596,6 +598,15 @@ def _is_glob(s: str) -> bool:
     return any(c in s for c in "*?[")
 
 
+_NO_ESTIMATE = "cannot estimate memory: no file size and no parameter count"
+
+
+def _model_name(model_alias: str | None, aliases: set[str]) -> str:
+    """How NoVariantFits names the model: the caller's alias, the variants' common one, else
+    'the model'."""
+    return model_alias or (next(iter(aliases)) if len(aliases) == 1 else "the model")
+
+
 # Every VariantSpec field the hot loop reads, fetched in one C call from the model's __dict__.
 _HOT_FIELDS = operator.itemgetter(
     "format", "target", "runtime_requirement", "model_alias", "quantization", "native",
@@ -635,7 +646,7 @@ def select(
     kv_bytes = KV_BYTES_PER_ELEMENT[policy.kv_cache_type]
     overhead_fixed = policy.memory.overhead_bytes
     overhead_share = 1.0 + policy.memory.overhead_fraction
-    no_estimate = "cannot estimate memory: no file size and no parameter count"
+    no_estimate = _NO_ESTIMATE
     fields = _HOT_FIELDS
 
     viable: list[int] = []  # indices; plain ints keep the loop allocation-light
@@ -702,8 +713,7 @@ def select(
         return combos[(v.format, v.target, v.runtime_requirement, v.quantization, v.native, rule)]
 
     if best_key is None:
-        aliases = {v.model_alias for v in variants}
-        name = model_alias or (aliases.pop() if len(aliases) == 1 else "the model")
+        name = _model_name(model_alias, {v.model_alias for v in variants})
         raise NoVariantFits(
             _no_fit_message(name, variants, rejected, smallest),
             smallest=smallest[0] if smallest else None,
