@@ -17,7 +17,7 @@ from agent.api.routes import PUBLIC, add_routes, route_spec
 from agent.audit import AuditEntry, AuditLog
 from agent.authz import PolicyStore, configured_policy_path
 from agent.identity import Subject
-from agent.keys import load_or_create_device_key
+from agent.keys import open_device_key
 from agent.metrics import Metrics
 from agent.models import ModelResolver
 from agent.runtime.lifecycle import ModelManager
@@ -78,7 +78,7 @@ def create_app(settings: Settings) -> web.Application:
     sec = settings.security
     audit = AuditLog(
         registry.db,
-        load_or_create_device_key(settings.home),
+        open_device_key(settings.home),
         checkpoint_every=sec.audit_checkpoint_every,
         checkpoint_seconds=sec.audit_checkpoint_seconds,
     )

@@ -35,15 +35,19 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from sqlalchemy import Connection
 
-from agent.keys import DeviceKey, load_public_key
+from agent.keys import DeviceKey, LazyDeviceKey, load_public_key
 from agent.keys import verify as verify_signature
 from registry.db import Database
 from registry.schema import AuditCheckpoint, AuditRecord
+
+if TYPE_CHECKING:  # cryptography is imported by agent.keys when a key is first used
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    PublicKeyLike = bytes | str | Ed25519PublicKey | DeviceKey
 
 __all__ = [
     "FORBIDDEN_DETAIL_KEYS", "GENESIS", "AuditClosedError", "AuditEntry", "AuditError", "AuditLog",
@@ -324,7 +328,7 @@ class AuditLog:
     def __init__(
         self,
         db: Database,
-        key: DeviceKey,
+        key: DeviceKey | LazyDeviceKey,
         *,
         checkpoint_every: int = 1000,
         checkpoint_seconds: float = 300,
@@ -699,7 +703,6 @@ def _read_checkpoints(cur: Any, min_seq: int | None, max_seq: int | None) -> lis
 # --- verification -------------------------------------------------------------------------
 
 
-PublicKeyLike = bytes | str | Ed25519PublicKey | DeviceKey
 
 
 def verify(db: Database, public_key: PublicKeyLike) -> VerifyResult:

@@ -631,3 +631,19 @@ def test_parse_when() -> None:
     assert parse_when("2026-01-01") == datetime(2026, 1, 1, tzinfo=UTC)
     with pytest.raises(Exception, match="duration"):
         parse_when("yesterday")
+
+
+def test_open_device_key_creates_on_first_start_then_defers_parsing(tmp_path: Path) -> None:
+    from agent.keys import DeviceKey, DeviceKeyError, LazyDeviceKey, open_device_key
+    from agent.keys import verify as verify_sig
+
+    first = open_device_key(tmp_path)
+    assert isinstance(first, DeviceKey)
+    later = open_device_key(tmp_path)
+    assert isinstance(later, LazyDeviceKey)
+    assert later.key_id == first.key_id
+    assert verify_sig(first, later.sign(b"12:abc"), b"12:abc")
+    key_file = tmp_path / "keys" / "device-ed25519.pem"
+    key_file.chmod(0o644)
+    with pytest.raises(DeviceKeyError, match="chmod 600"):
+        open_device_key(tmp_path)  # an unsafe key still stops the start, before any parse
