@@ -201,6 +201,12 @@ class Registry:
         with self.db.read() as s:
             return _model_info(self._model(s, alias))
 
+    def model_ids(self) -> list[tuple[str, datetime]]:
+        """(alias, created) of every model: the cheap read behind GET /v1/models."""
+        with self.db.read_engine.connect() as conn:
+            rows = conn.execute(select(Model.alias, Model.created_at).order_by(Model.alias))
+            return [(alias, created) for alias, created in rows]
+
     def aliases(self) -> list[str]:
         with self.db.read() as s:
             return list(s.scalars(select(Model.alias).order_by(Model.alias)))

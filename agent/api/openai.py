@@ -169,23 +169,13 @@ async def read_json(request: web.Request) -> Any:
 
 async def list_models(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    models = await _in_thread(state.registry.list_models)
+    # One indexed read on a WAL reader (tens of µs): cheaper inline than a thread hop.
     data = [
-        {
-            "id": m.alias,
-            "object": "model",
-            "created": int(m.created_at.timestamp()),
-            "owned_by": "edge-agent",
-        }
-        for m in models
+        {"id": alias, "object": "model", "created": int(created.timestamp()),
+         "owned_by": "edge-agent"}
+        for alias, created in state.registry.model_ids()
     ]
     return web.json_response({"object": "list", "data": data})
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    import asyncio
-
-    return await asyncio.to_thread(fn, *args)
 
 
 class _Usage:
