@@ -157,7 +157,7 @@ def access_middleware(
                     else "token_revoked" if isinstance(exc, RevokedToken) else "invalid_token")
             who = ids.subject(cred) if cred is not None else None
             record(who, spec.permission, request.path, "deny", "unauthenticated",
-                   {"method": request.method, "reason": str(exc), "code": code})
+                   {"method": request.method, "reason": str(exc), "code": code, "status": 401})
             raise _auth_error(str(exc), code) from exc
         return token_subject(info.name, info.role, cred)
 
@@ -184,7 +184,8 @@ def access_middleware(
         resource = f"model:{model}" if model else request.path
         if not decision.allowed:
             record(subject, spec.permission, resource, "deny", "denied",
-                   {"method": request.method, "path": request.path, "reason": decision.reason})
+                   {"method": request.method, "path": request.path, "reason": decision.reason,
+                    "status": 403})
             raise APIError(403, decision.reason, type="permission_error", code="forbidden")
         request[SUBJECT] = subject
         request[DECISION] = decision

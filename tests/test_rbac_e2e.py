@@ -8,15 +8,17 @@ import json
 import os
 import pwd
 import shutil
+import sqlite3
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from daemon import Daemon
+from daemon import Daemon, prepare_home
 from test_identity import http_request, run_as
 
 from agent.settings import Settings
@@ -105,8 +107,10 @@ class Agent:
 
 
 @pytest.fixture(scope="module")
-def agent(users: dict[str, User], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Agent]:
-    home = tmp_path_factory.mktemp("home")
+def agent(
+    users: dict[str, User], tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path
+) -> Iterator[Agent]:
+    home = prepare_home(tmp_path_factory.mktemp("home"), {SMOL: smollm2_gguf})
     home.chmod(0o755)
     policy = home / "rbac.yaml"
     policy.write_text(policy_text(users))
@@ -138,6 +142,13 @@ def test_unbound_user_gets_only_public_routes(agent: Agent, users: dict[str, Use
     assert forbidden(*agent.as_user(nobody, "GET", "/v1/models"))
     assert forbidden(*agent.as_user(nobody, "POST", "/v1/chat/completions",
                                     {"model": SMOL, "messages": CHAT}))
+    # Every denial is in the audit log, with the kernel-verified uid and pid.
+    with agent.root() as c:
+        records = c.get("/agent/v1/audit", params={"n": 50}).json()["records"]
+    denials = [r for r in records if r["uid"] == nobody.uid and r["decision"] == "deny"]
+    assert {(r["action"], r["outcome"]) for r in denials} >= {
+        ("device:read", "403"), ("models:read", "403"), ("inference:invoke", "403")}
+    assert all(r["subject"] == f"uid:{nobody.uid}({nobody.name})" and r["pid"] for r in denials)
 
 
 def test_group_member_may_invoke_only_its_models(agent: Agent, users: dict[str, User]) -> None:
@@ -146,10 +157,10 @@ def test_group_member_may_invoke_only_its_models(agent: Agent, users: dict[str, 
     status, body = agent.as_user(m, "POST", "/v1/chat/completions",
                                  {"model": GEMMA, "messages": CHAT})
     assert forbidden(status, body) and f"not model {GEMMA}" in body["error"]["message"]
-    # In scope: past authorization (no such model is installed here, hence 404).
+    # In scope: served.
     status, body = agent.as_user(m, "POST", "/v1/chat/completions",
                                  {"model": SMOL, "messages": CHAT, "max_tokens": 1})
-    assert status != 403 and status in (200, 404), body
+    assert status == 200 and body["choices"][0]["message"]["role"] == "assistant", body
     assert forbidden(*agent.as_user(m, "POST", f"/agent/v1/models/{SMOL}/load", {}))
     assert forbidden(*agent.as_user(m, "GET", "/agent/v1/device"))
 
@@ -185,6 +196,14 @@ def test_token_replaces_the_uid_and_revocation_is_immediate(
         status, body = agent.as_user(nobody, "GET", "/agent/v1/device",
                                      headers={"Authorization": "Bearer ea_nope"})
         assert status == 401 and body["error"]["code"] == "invalid_token"
+        # An expired token: its expiry set in the past, as time would have done.
+        old, _ = store.create("e2e-old", "viewer", timedelta(days=1))
+        with sqlite3.connect(agent.home / "registry.db") as raw:
+            raw.execute("UPDATE api_tokens SET expires_at = '2020-01-01 00:00:00.000000' "
+                        "WHERE name = 'e2e-old'")
+        status, body = agent.as_user(nobody, "GET", "/agent/v1/device",
+                                     headers={"Authorization": f"Bearer {old}"})
+        assert status == 401 and body["error"]["code"] == "token_expired"
     finally:
         store.close()
         db.close()

@@ -81,6 +81,22 @@ async def loaded(request: web.Request) -> web.Response:
     )
 
 
+async def audit_tail(request: web.Request) -> web.Response:
+    """The newest audit records, after flushing what is pending (so a client sees its own)."""
+    from agent import audit as auditlog
+
+    state = request.app[STATE]
+    try:
+        n = int(request.query.get("n", "50"))
+    except ValueError:
+        n = -1
+    if not 1 <= n <= 1000:
+        raise APIError(400, "n must be an integer from 1 to 1000", param="n")
+    await asyncio.to_thread(state.audit.flush, 10.0)
+    records = await asyncio.to_thread(auditlog.tail, state.registry.db, n)
+    return web.json_response({"records": [r.to_dict() for r in records]})
+
+
 ROUTES = [
     RouteSpec("GET", "/agent/v1/whoami", whoami, PUBLIC),
     RouteSpec("GET", "/agent/v1/device", device, "device:read"),
@@ -89,4 +105,5 @@ ROUTES = [
     RouteSpec("POST", "/agent/v1/models/{alias}/load", load, "models:load", model_scoped=True),
     RouteSpec("POST", "/agent/v1/models/{alias}/unload", unload, "models:load", model_scoped=True),
     RouteSpec("GET", "/agent/v1/loaded", loaded, "models:read"),
+    RouteSpec("GET", "/agent/v1/audit", audit_tail, "audit:read"),
 ]
