@@ -20,30 +20,37 @@ Exceptions (part of the `registry.errors` tree):
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from collections.abc import Callable, Sequence
 from fnmatch import fnmatchcase
 from functools import cached_property
-from pathlib import Path
 from typing import Literal, NamedTuple
 
 from pydantic import (
     BaseModel,
-    ByteSize,
     ConfigDict,
     Field,
     PrivateAttr,
     computed_field,
-    field_validator,
 )
 
 from registry import errors
 from registry.errors import PolicyError
 from registry.profile import GpuInfo, HardwareProfile
+from registry.selection_policy import (
+    DEFAULT_POLICY_PATH,
+    POLICY_SCHEMA_PATH,
+    DeviceClass,
+    MemoryPolicy,
+    Preference,
+    QuantizationPolicy,
+    QuantizationRule,
+    SelectionPolicy,
+    load_policy,
+    policy_schema_json,
+)
 from registry.types import BITS_PER_WEIGHT, QUALITY_RANK, VariantSpec, quality_rank
-from registry.yamlfile import load_yaml_model
 
 __all__ = [
     "DEFAULT_POLICY_PATH",
@@ -67,13 +74,6 @@ __all__ = [
     "select",
 ]
 
-_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_POLICY_PATH = _ROOT / "policies" / "selection.yaml"
-POLICY_SCHEMA_PATH = _ROOT / "policies" / "schemas" / "selection.schema.json"
-
-DeviceClass = Literal["npu", "gpu", "cpu"]
-Preference = Literal["quality", "balanced", "speed"]
-KvCacheType = Literal["f32", "f16", "q8_0", "q4_0"]
 Verdict = Literal["chosen", "ranked", "rejected"]
 
 # Bytes per cached K or V element (llama.cpp's --cache-type-k/-v; q8_0/q4_0 include scales).
@@ -102,145 +102,6 @@ _DEFAULT_EP: dict[str, str] = {
     "npu-amd-xdna": "VitisAIExecutionProvider",
     "npu-rockchip-rknpu": "RknpuExecutionProvider",
 }
-
-
-# ----------------------------------------------------------------------------- policy
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class MemoryPolicy(_Strict):
-    """How much memory a model may use, and how its use is estimated."""
-
-    fraction: float = Field(
-        default=0.75, gt=0, le=1,
-        description="Share of total system RAM a model may use (CPU, integrated GPU and NPU).",
-    )
-    max_bytes: ByteSize | None = Field(
-        default=None,
-        description="Absolute cap on the system-RAM budget (bytes, or '4GB'/'4GiB'); null: none.",
-    )
-    headroom_bytes: ByteSize = Field(
-        default=ByteSize(500_000_000),
-        description="Subtracted from the system-RAM budget for the OS and the agent itself.",
-    )
-    gpu_headroom_bytes: ByteSize = Field(
-        default=ByteSize(500_000_000),
-        description="Subtracted from a discrete GPU's memory (CUDA context, fragmentation).",
-    )
-    overhead_bytes: ByteSize = Field(
-        default=ByteSize(200_000_000),
-        description="Fixed runtime overhead added to every estimate (compute buffers, code).",
-    )
-    overhead_fraction: float = Field(
-        default=0.05, ge=0, le=1,
-        description="Runtime overhead proportional to the weights, added to every estimate.",
-    )
-
-
-class QuantizationRule(_Strict):
-    """Allowed and forbidden quantizations (case-insensitive globs, e.g. 'Q4_*', 'int4')."""
-
-    allow: tuple[str, ...] | None = Field(
-        default=None,
-        description="A variant must match one of these; null inherits the default rule.",
-    )
-    forbid: tuple[str, ...] | None = Field(
-        default=None,
-        description="A variant matching any of these is rejected; null inherits the default.",
-    )
-
-
-class QuantizationPolicy(_Strict):
-    """Which quantizations may be selected, by default and per model alias."""
-
-    default: QuantizationRule = Field(
-        default=QuantizationRule(allow=("*",), forbid=()),
-        description="Rule for models no entry of `models` matches (unset: allow all, forbid none).",
-    )
-    models: dict[str, QuantizationRule] = Field(
-        default_factory=dict,
-        description=(
-            "Per-model rules keyed by alias or alias glob ('qwen3-*'). An exact alias wins, "
-            "else the longest matching glob; unset fields inherit from `default`."
-        ),
-    )
-
-
-class SelectionPolicy(_Strict):
-    """How selection trades quality, speed and memory on a device."""
-
-    prefer: Preference = Field(
-        default="balanced",
-        description=(
-            "quality: highest quality rank; speed: fewest bits per weight; balanced: highest "
-            "quality among variants using at most `balanced_fraction` of the budget, else the "
-            "smallest estimate."
-        ),
-    )
-    min_quality: str | None = Field(
-        default="Q4_K_M",
-        description=(
-            "Variants of lower quality rank than this quantization rank below every variant at "
-            "or above it (still chosen when nothing better fits). null: no floor."
-        ),
-    )
-    balanced_fraction: float = Field(
-        default=0.5, gt=0, le=1,
-        description="prefer=balanced: share of the budget a variant may use and still be "
-        "comfortable.",
-    )
-    device_order: tuple[DeviceClass, ...] = Field(
-        default=("npu", "gpu", "cpu"), min_length=1,
-        description="Devices in order of preference; a device left out is never used.",
-    )
-    context_length: int = Field(
-        default=4096, ge=1,
-        description="Context the KV cache is sized for in estimates (capped by the model's own).",
-    )
-    kv_cache_type: KvCacheType = Field(
-        default="f16", description="Element type of the KV cache: f32, f16, q8_0 or q4_0."
-    )
-    memory: MemoryPolicy = Field(
-        default_factory=MemoryPolicy, description="Memory budget and estimate parameters."
-    )
-    quantizations: QuantizationPolicy = Field(
-        default_factory=QuantizationPolicy,
-        description="Allowed and forbidden quantizations, by default and per model.",
-    )
-
-    @field_validator("min_quality")
-    @classmethod
-    def _known_quality(cls, v: str | None) -> str | None:
-        if v is not None and v not in QUALITY_RANK:
-            raise ValueError(f"unknown quantization {v!r} (known: {', '.join(QUALITY_RANK)})")
-        return v
-
-    @field_validator("device_order")
-    @classmethod
-    def _unique_devices(cls, v: tuple[DeviceClass, ...]) -> tuple[DeviceClass, ...]:
-        if len(set(v)) != len(v):
-            raise ValueError("device_order lists a device twice")
-        return v
-
-
-def load_policy(path: Path | None = None) -> SelectionPolicy:
-    """The policy in `path` (default: policies/selection.yaml, or the built-in defaults if absent).
-
-    Invalid input raises `PolicyError` naming the file, the line and the field.
-    """
-    if path is None:
-        if not DEFAULT_POLICY_PATH.is_file():
-            return SelectionPolicy()
-        path = DEFAULT_POLICY_PATH
-    return load_yaml_model(path, SelectionPolicy, PolicyError)
-
-
-def policy_schema_json() -> str:
-    """The JSON Schema of `SelectionPolicy`, as committed in policies/schemas/."""
-    return json.dumps(SelectionPolicy.model_json_schema(), indent=2, sort_keys=True) + "\n"
 
 
 # ----------------------------------------------------------------------------- estimates
