@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from agent import audit as auditlog
+from agent import audit_verify
 from agent.cli_access import guarded
 from agent.cli_common import Context, emit_json, fail, json_option
 from agent.keys import DeviceKeyError, key_id_of, load_device_public_key, load_public_key
@@ -159,10 +160,10 @@ def export(ctx: Context, since: datetime | None, until: datetime | None, fmt: st
     """Write records, their digests and checkpoints to stdout, verifiable by a third party."""
     with _database(ctx) as db:
         if fmt == "jsonl":
-            for obj in auditlog.export(db, since, until):
+            for obj in audit_verify.export(db, since, until):
                 click.echo(json.dumps(obj, ensure_ascii=False))
             return
-        objs = list(auditlog.export(db, since, until))
+        objs = list(audit_verify.export(db, since, until))
     doc: dict[str, Any] = {"header": objs[0], "anchor": objs[1], "checkpoints": [],
                            "records": []}
     for obj in objs[2:]:
@@ -199,10 +200,10 @@ def verify(ctx: Context, public_key: Path | None, export_file: Path | None, as_j
     """Recompute the hash chain and check checkpoint signatures; exit 1 if broken."""
     pub = _public_key(ctx, public_key)
     if export_file is not None:
-        result = auditlog.verify_export(_read_export(export_file), pub)
+        result = audit_verify.verify_export(_read_export(export_file), pub)
     else:
         with _database(ctx) as db:
-            result = auditlog.verify(db, pub)
+            result = audit_verify.verify(db, pub)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -221,10 +222,10 @@ def prune(ctx: Context, before: int) -> None:
     """Delete old records, never past a signed checkpoint; refuses if the chain is broken."""
     pub = _public_key(ctx, None)
     with _database(ctx) as db:
-        result = auditlog.verify(db, pub)
+        result = audit_verify.verify(db, pub)
         if not result.ok:
             fail(f"refusing to prune: {result.line()}")
-        deleted = auditlog.prune(db, before, public_key=pub)
+        deleted = audit_verify.prune(db, before, public_key=pub)
         first = auditlog.query(db, limit=1)
     if deleted == 0:
         click.echo(f"nothing to prune: no signed checkpoint at or below seq {before} "

@@ -24,7 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.audit import AuditEntry, AuditLog, verify
+from agent.audit import AuditEntry, AuditLog
+from agent.audit_verify import verify
 from agent.keys import DeviceKey
 from registry.db import open_database
 

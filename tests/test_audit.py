@@ -17,6 +17,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from agent import audit as A
+from agent import audit_verify as V
 from agent.cli_audit import audit as audit_group
 from agent.cli_audit import parse_when
 from agent.keys import (
@@ -80,7 +81,7 @@ def write_records(home: Path, n: int, start: int = 1, **kwargs: object) -> Devic
 def verify_file(home: Path) -> A.VerifyResult:
     database = open_database(db_path(home))
     try:
-        return A.verify(database, load_device_public_key(home))
+        return V.verify(database, load_device_public_key(home))
     finally:
         database.close()
 
@@ -120,7 +121,7 @@ def test_append_flush_verify_ok_via_api_and_cli(home: Path, db: Database, key: D
         log.flush()
         seqs = [r[0] for r in raw_rows(home, "SELECT seq FROM audit_records ORDER BY seq")]
         assert seqs == list(range(1, 501))
-        result = A.verify(db, key.public_key_pem())
+        result = V.verify(db, key.public_key_pem())
         assert result.ok and result.records == 500 and result.first_bad_seq is None
     cli = run_cli(home, "verify")
     assert cli.exit_code == 0, cli.output
@@ -299,7 +300,7 @@ def test_checkpoint_digest_edit_is_detected(home: Path) -> None:
 
 def test_verify_with_the_wrong_public_key_fails(home: Path, db: Database) -> None:
     write_records(home, 15, checkpoint_every=10)
-    result = A.verify(db, DeviceKey.generate().public_key_raw())
+    result = V.verify(db, DeviceKey.generate().public_key_raw())
     assert (result.ok, result.first_bad_seq) == (False, 10)
 
 
@@ -310,11 +311,11 @@ def test_prune_up_to_a_checkpoint_then_verify(home: Path) -> None:
     write_records(home, 35, checkpoint_every=10)
     database = open_database(db_path(home))
     try:
-        assert A.prune(database, 25) == 20  # to the checkpoint at 20, not to 25
+        assert V.prune(database, 25) == 20  # to the checkpoint at 20, not to 25
         assert [r[0] for r in raw_rows(home, "SELECT MIN(seq) FROM audit_records")] == [21]
-        result = A.verify(database, load_device_public_key(home))
+        result = V.verify(database, load_device_public_key(home))
         assert result.ok and result.first_seq == 21 and result.records == 15
-        assert A.prune(database, 25) == 0  # nothing more below 25
+        assert V.prune(database, 25) == 0  # nothing more below 25
     finally:
         database.close()
     cli = run_cli(home, "prune", "--before", "30")
@@ -325,17 +326,17 @@ def test_prune_up_to_a_checkpoint_then_verify(home: Path) -> None:
 
 def test_prune_never_removes_past_the_last_checkpoint(home: Path, db: Database) -> None:
     key = write_records(home, 35, checkpoint_every=10, checkpoint_on_close=False)
-    assert A.prune(db, 9) == 0  # no checkpoint at or below 9
-    assert A.prune(db, 10_000, public_key=key.public_key) == 30
+    assert V.prune(db, 9) == 0  # no checkpoint at or below 9
+    assert V.prune(db, 10_000, public_key=key.public_key) == 30
     seqs = [r[0] for r in raw_rows(home, "SELECT seq FROM audit_records ORDER BY seq")]
     assert seqs == list(range(31, 36))
-    assert A.verify(db, key.public_key).ok
+    assert V.verify(db, key.public_key).ok
 
 
 def test_prune_skips_a_checkpoint_that_does_not_match_its_record(home: Path, db: Database) -> None:
     write_records(home, 35, checkpoint_every=10)
     tamper(home, ("UPDATE audit_checkpoints SET digest = ? WHERE seq = 20", ("00" * 32,)))
-    assert A.prune(db, 25) == 10  # falls back to the checkpoint at 10
+    assert V.prune(db, 25) == 10  # falls back to the checkpoint at 10
 
 
 def test_cli_prune_refuses_a_broken_chain(home: Path) -> None:
@@ -350,7 +351,7 @@ def test_cli_prune_refuses_a_broken_chain(home: Path) -> None:
 
 def test_deleting_past_the_prune_checkpoint_is_named(home: Path, db: Database) -> None:
     write_records(home, 35, checkpoint_every=10)
-    assert A.prune(db, 20) == 20
+    assert V.prune(db, 20) == 20
     tamper(home, ("DELETE FROM audit_records WHERE seq <= 22", ()))
     assert verify_file(home).first_bad_seq == 21
 
@@ -372,7 +373,7 @@ def test_prompt_and_completion_text_are_never_stored(home: Path, db: Database,
     assert rec.details["_redacted"] == ["Content", "choices", "completion_text", "messages",
                                         "prompt"]
     assert rec.details["prompt_tokens"] == 1  # counts are kept
-    assert A.verify(db, key.public_key).ok
+    assert V.verify(db, key.public_key).ok
 
 
 def test_odd_detail_values_are_stored_verifiably(db: Database, key: DeviceKey) -> None:
@@ -384,7 +385,7 @@ def test_odd_detail_values_are_stored_verifiably(db: Database, key: DeviceKey) -
     assert first.details["path"] == "/x" and first.details["items"] == [1, 2]
     assert "_invalid" in second.details
     assert third.details["surrogate"] == "?"
-    assert A.verify(db, key.public_key).ok
+    assert V.verify(db, key.public_key).ok
 
 
 def test_entry_rejects_an_unknown_decision() -> None:
@@ -455,7 +456,7 @@ def test_concurrent_appends_keep_seq_contiguous_and_chain_valid(db: Database,
         records = A.query(db)
     assert [r.seq for r in records] == list(range(1, threads * per_thread + 1))
     assert len({r.pid for r in records}) == threads * per_thread
-    assert A.verify(db, key.public_key).ok
+    assert V.verify(db, key.public_key).ok
 
 
 def test_two_writers_on_one_db_rechain_instead_of_forking(db: Database, key: DeviceKey) -> None:
@@ -470,7 +471,7 @@ def test_two_writers_on_one_db_rechain_instead_of_forking(db: Database, key: Dev
         first.close()
         second.close()
     assert [r.seq for r in A.query(db)] == list(range(1, 301))
-    assert A.verify(db, key.public_key).ok
+    assert V.verify(db, key.public_key).ok
 
 
 def test_an_unserialisable_entry_becomes_a_placeholder(db: Database, key: DeviceKey,
@@ -486,7 +487,7 @@ def test_an_unserialisable_entry_becomes_a_placeholder(db: Database, key: Device
         log.append(entry(2))
     placeholder, good = A.query(db)
     assert placeholder.subject == "?" and "_invalid" in placeholder.details
-    assert good.seq == 2 and A.verify(db, key.public_key).ok
+    assert good.seq == 2 and V.verify(db, key.public_key).ok
 
 
 def test_append_does_not_touch_the_db(home: Path, db: Database, key: DeviceKey) -> None:
@@ -530,11 +531,11 @@ def test_reopening_after_pruning_everything_continues_from_the_checkpoint(
     home: Path, db: Database
 ) -> None:
     key = write_records(home, 20, checkpoint_every=10)
-    assert A.prune(db, 20) == 20
-    assert A.verify(db, key.public_key).ok  # no records, checkpoints only
+    assert V.prune(db, 20) == 20
+    assert V.verify(db, key.public_key).ok  # no records, checkpoints only
     write_records(home, 5, start=21)
     assert [r.seq for r in A.query(db)] == [21, 22, 23, 24, 25]
-    assert A.verify(db, key.public_key).ok
+    assert V.verify(db, key.public_key).ok
 
 
 # --- reading, export, CLI ---------------------------------------------------------------
@@ -561,7 +562,7 @@ def test_export_verifies_offline_with_only_the_public_key(home: Path) -> None:
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert [o["type"] for o in lines[:2]] == ["header", "anchor"]
     assert sum(o["type"] == "record" for o in lines) == 45
-    result = A.verify_export(lines, key.public_key_pem())
+    result = V.verify_export(lines, key.public_key_pem())
     assert result.ok and result.signed_through == 45
     export_file = home / "export.jsonl"
     export_file.write_text(out.stdout)
@@ -582,13 +583,13 @@ def test_partial_export_verifies_from_its_anchor(home: Path, db: Database) -> No
     cut = A.get_record(db, 16)
     assert cut is not None
     since = datetime.fromisoformat(cut.time)
-    objs = list(A.export(db, since=since))
+    objs = list(V.export(db, since=since))
     assert objs[1] == {"type": "anchor", "seq": 15, "digest": A.get_record(db, 15).digest}  # type: ignore[union-attr]
     assert min(o["seq"] for o in objs if o["type"] == "record") == 16
-    assert A.verify_export(objs, key.public_key).ok
+    assert V.verify_export(objs, key.public_key).ok
     # A substituted anchor is caught by the first checkpoint that covers it.
     objs[1] = {**objs[1], "digest": "ee" * 32}
-    result = A.verify_export(objs, key.public_key)
+    result = V.verify_export(objs, key.public_key)
     assert not result.ok and result.first_bad_seq == 16
     # JSON format round-trips through the CLI verifier too.
     doc = run_cli(home, "export", "--format", "json")
