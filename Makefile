@@ -14,7 +14,7 @@ export EDGE_AGENT_SOCKET ?= $(HOME_DIR)/agent.sock
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test check lint typecheck bench clean lock
+.PHONY: setup run test check lint typecheck imports bench clean lock
 
 setup: $(STAMP)
 
@@ -38,13 +38,16 @@ run: setup
 test: setup
 	$(VENV)/bin/pytest
 
-check: setup lint typecheck
+check: setup lint typecheck imports
 
 lint:
 	$(VENV)/bin/ruff check .
 
 typecheck:
 	$(VENV)/bin/mypy
+
+imports:
+	$(VENV)/bin/lint-imports
 
 bench: setup
 	$(PY) bench/selection.py

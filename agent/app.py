@@ -6,24 +6,26 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from pathlib import Path
 
 from aiohttp import web
 
-from agent.access import AuditFn, install_access
 from agent.api import agent_api, health, openai
+from agent.api.access import install_access
 from agent.api.errors import APIError, error_middleware, error_response
 from agent.api.routes import PUBLIC, add_routes, route_spec
-from agent.audit import AuditEntry, AuditLog
-from agent.authz import PolicyStore, configured_policy_path
-from agent.identity import Subject
-from agent.keys import open_device_key
+from agent.errors import SettingsError
 from agent.metrics import Metrics
-from agent.models import ModelResolver
-from agent.runtime.lifecycle import ModelManager
+from agent.runtime.resolver import ModelResolver
+from agent.runtime.scheduler import Scheduler
+from agent.security.audit import AuditLog, audit_recorder
+from agent.security.authz import PolicyStore, configured_policy_path, daemon_uid
+from agent.security.keys import open_device_key
+from agent.security.service import Security
+from agent.security.tokens import TokenStore
 from agent.settings import Settings
 from agent.state import STATE, AgentState
-from agent.tokens import TokenStore
+from localdb import open_database
 from registry.service import open_registry
 
 log = logging.getLogger(__name__)
@@ -65,34 +67,39 @@ async def stopping_middleware(request: web.Request, handler: Handler) -> web.Str
 def create_app(settings: Settings) -> web.Application:
     """Build the app and its parts; the cleanup context starts and closes them."""
     t0 = time.monotonic()
-    registry = open_registry(settings.home)
+    state_dir = settings.state
+    check_home(state_dir.home)
+    db = open_database(state_dir.db)
+    registry = open_registry(state_dir, db)
     metrics = Metrics()
     resolver = ModelResolver(settings, registry)
-    manager = ModelManager(
+    scheduler = Scheduler(
         settings.runtime,
         resolver.resolve,
         metrics,
-        total_memory=_total_memory(),
+        budget=lambda: resolver.memory_budget(_total_memory()),  # selection loads lazily
         lease=registry.lease,
     )
     sec = settings.security
     audit = AuditLog(
-        registry.db,
-        open_device_key(settings.home),
+        db,
+        open_device_key(state_dir.home),
         checkpoint_every=sec.audit_checkpoint_every,
         checkpoint_seconds=sec.audit_checkpoint_seconds,
     )
-    policy = PolicyStore(configured_policy_path(settings))  # invalid: refuse to start
-    tokens = TokenStore(registry.db)
+    policy = PolicyStore(  # invalid: refuse to start
+        configured_policy_path(settings), self_uid=daemon_uid(state_dir.home)
+    )
+    security = Security(policy, TokenStore(db), audit_recorder(audit))
     state = AgentState(
         settings=settings,
+        db=db,
         registry=registry,
-        manager=manager,
+        scheduler=scheduler,
         metrics=metrics,
         resolver=resolver,
+        security=security,
         audit=audit,
-        policy=policy,
-        tokens=tokens,
     )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
@@ -100,9 +107,22 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[STATE] = state
     add_routes(app, health.ROUTES + openai.ROUTES + agent_api.ROUTES)
-    install_access(app, policy, tokens, audit=audit_recorder(audit))
+    install_access(app, security)
     app.cleanup_ctx.append(_lifespan(state, t0))
     return app
+
+
+def check_home(home: Path) -> None:
+    """Refuse a state directory another account owns: `uid: self` in the policy means the
+    owner of the home (agent.security.authz.daemon_uid), and another account's files are
+    not ours to trust."""
+    home.mkdir(parents=True, exist_ok=True, mode=0o750)
+    owner = home.stat().st_uid
+    if owner != os.geteuid():
+        raise SettingsError(
+            f"state directory {home} belongs to uid {owner}, not to this process (uid "
+            f"{os.geteuid()}); run the agent as its owner or choose another EDGE_AGENT_HOME"
+        )
 
 
 def _total_memory() -> int:
@@ -112,7 +132,7 @@ def _total_memory() -> int:
 
 def _lifespan(state: AgentState, t0: float) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
-        await state.manager.start()
+        await state.scheduler.start()
         state.ready = True
         log.info("ready in %.0f ms (home %s)", (time.monotonic() - t0) * 1000, state.settings.home)
         try:
@@ -124,38 +144,11 @@ def _lifespan(state: AgentState, t0: float) -> Callable[[web.Application], Async
 
 
 async def shutdown(state: AgentState) -> None:
-    """Stop taking work, end generations, close the registry. Safe to call twice."""
+    """Stop taking work, end generations, close the database. Safe to call twice."""
     if state.closed:
         return
     state.closed = state.stopping = True
-    await state.manager.close(state.settings.server.shutdown_grace_seconds)
-    state.tokens.close()
+    await state.scheduler.close(state.settings.server.shutdown_grace_seconds)
     state.audit.close()  # flushes: every decision made so far is durable
     state.registry.close()
-
-
-def audit_recorder(audit: AuditLog) -> AuditFn:
-    """Adapts the access layer's decisions to audit records (outcome = HTTP status)."""
-
-    def record(
-        subject: Subject | None,
-        action: str,
-        resource: str,
-        decision: str,
-        outcome: str,
-        details: dict[str, Any],
-    ) -> None:
-        audit.append(
-            AuditEntry(
-                subject=subject.display if subject is not None else "anonymous",
-                uid=subject.uid if subject is not None else None,
-                pid=subject.pid if subject is not None else None,
-                action=action,
-                resource=resource,
-                decision=decision,
-                outcome=str(details.get("status", outcome)),
-                details=details,
-            )
-        )
-
-    return record
+    state.db.close()

@@ -7,12 +7,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from agent.errors import AgentUnavailable, DaemonError
+
 if TYPE_CHECKING:  # imported when a client is made: `edge-agent serve` never needs httpx
     import httpx
-
-
-class AgentUnavailable(Exception):
-    """No daemon answers on the socket."""
 
 
 class AgentClient:
@@ -76,14 +74,6 @@ class AgentClient:
             raise self._unavailable(exc) from exc
 
 
-class AgentError(Exception):
-    """The agent answered with an error; the message is its own."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(f"{message} (HTTP {status})")
-        self.status = status
-
-
 def _decode(resp: httpx.Response) -> Any:
     try:
         data = resp.json()
@@ -91,5 +81,5 @@ def _decode(resp: httpx.Response) -> Any:
         data = {"error": {"message": resp.text}}
     if resp.status_code >= 400:
         err = data.get("error", {}) if isinstance(data, dict) else {}
-        raise AgentError(resp.status_code, err.get("message") or resp.reason_phrase)
+        raise DaemonError(resp.status_code, err.get("message") or resp.reason_phrase)
     return data

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from agent.access import IDENTITIES, POLICY_STORE
 from agent.app import create_app
-from agent.audit import AuditEntry
 from agent.server import (
     bind_unix_socket,
     inherited_sockets,
@@ -106,24 +104,10 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
         loop.add_signal_handler(sig, stop.set)
 
     def on_hup() -> None:
-        store = app[POLICY_STORE]
         # systemd's notify-reload protocol: RELOADING=1 ... READY=1 once it took effect.
+        # A signal carries no sender we can read: the audit record names the signal.
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
-        ok, message = store.reload()  # logs; an invalid policy keeps the old one in force
-        app[IDENTITIES].invalidate()
-        # A signal carries no identity we can read: the record names the signal.
-        app[STATE].audit.append(
-            AuditEntry(
-                subject="signal:SIGHUP",
-                pid=None,
-                uid=None,
-                action="policy:write",
-                resource=f"policy:{store.path}",
-                decision="allow",
-                outcome="ok" if ok else "rejected",
-                details={"message": message},
-            )
-        )
+        app[STATE].security.reload_policy("signal:SIGHUP")  # invalid: the old one stays
         notify("READY=1")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
@@ -154,4 +138,4 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
 
 async def _end_generations(state: AgentState, after: float) -> None:
     await asyncio.sleep(after)
-    await state.manager.close(0)
+    await state.scheduler.close(0)

@@ -14,26 +14,15 @@ import os
 import socket
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from aiohttp import web
 
+from agent.errors import ListenerError
+from agent.security.identity import PeerCredentials
+
 MAX_SOCKET_PATH = 107  # sun_path is 108 bytes including the terminating NUL
 SD_LISTEN_FDS_START = 3
-
-
-class ListenerError(Exception):
-    """The socket cannot be set up; the message says what to do."""
-
-
-@dataclass(frozen=True, slots=True)
-class PeerCredentials:
-    """Who is on the other end of a Unix socket connection, as the kernel says."""
-
-    pid: int
-    uid: int
-    gid: int
 
 
 _UCRED = struct.Struct("3i")

@@ -17,13 +17,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from agent.errors import SettingsError
+from localdb.layout import StateDir
+
 ENV_PREFIX = "EDGE_AGENT_"
 ENV_NESTED = "__"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
-
-
-class SettingsError(Exception):
-    """A setting is invalid; `str()` is the one line shown to the operator."""
 
 
 class _Section(BaseModel):
@@ -73,12 +72,18 @@ class RuntimeSettings(_Section):
         default=300.0, ge=0, description="Unload a model this long after its last request."
     )
     memory_fraction: float = Field(
-        default=0.5, gt=0, le=1, description="Share of RAM loaded models may use in total."
+        default=0.75,
+        gt=0,
+        le=1,
+        description="Share of RAM loaded models may use in total, less the selection "
+        "policy's headroom; selection judges variants by the same budget. The policy file "
+        "may lower it, never raise it.",
     )
     memory_budget_bytes: int | None = Field(
         default=None,
         ge=0,
-        description="Absolute cap on loaded models' memory (overrides fraction).",
+        description="Absolute cap on the memory loaded models may use together (the budget "
+        "is the smaller of this and the RAM share).",
     )
     max_loaded_models: int = Field(default=2, ge=1, description="Most models loaded at once.")
     queue_size: int = Field(
@@ -166,12 +171,9 @@ class Settings(BaseSettings):
         return (env_settings, init_settings)
 
     @property
-    def db_path(self) -> Path:
-        return self.home / "registry.db"
-
-    @property
-    def store_dir(self) -> Path:
-        return self.home / "store"
+    def state(self) -> StateDir:
+        """The state directory's layout (database, store, keys, locks)."""
+        return StateDir(self.home)
 
 
 def config_path(explicit: Path | None, environ: Mapping[str, str] | None = None) -> Path | None:

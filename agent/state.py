@@ -7,26 +7,26 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
-from agent.audit import AuditLog
-from agent.authz import PolicyStore
 from agent.metrics import Metrics
-from agent.models import ModelResolver
-from agent.runtime.lifecycle import ModelManager
+from agent.runtime.resolver import ModelResolver
+from agent.runtime.scheduler import Scheduler
+from agent.security.audit import AuditLog
+from agent.security.service import Security
 from agent.settings import Settings
-from agent.tokens import TokenStore
+from localdb import Database
 from registry.service import Registry
 
 
 @dataclass
 class AgentState:
     settings: Settings
+    db: Database
     registry: Registry
-    manager: ModelManager
+    scheduler: Scheduler
     metrics: Metrics
     resolver: ModelResolver
+    security: Security
     audit: AuditLog
-    policy: PolicyStore
-    tokens: TokenStore
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     stopping: bool = False

@@ -1,6 +1,6 @@
 """Benchmark: per-request cost of access control in-process (goal: median ≤ 200 µs).
 
-One "request" is what `agent.access` does for a caller before and after the handler:
+One "request" is what `agent.api.access` does for a caller before and after the handler:
 the identity lookup (IdentityCache, warm), `authorize` against a realistic policy, and an
 audit append. Token callers add `TokenStore.verify` on its cached path (the SQLite row
 re-read that makes revocation immediate; Argon2 is cached). Timed per iteration with
@@ -31,11 +31,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.authz import authorize, load_policy
-from agent.identity import IdentityCache, token_subject
+from agent.security.authz import authorize, load_policy
+from agent.security.identity import IdentityCache, token_subject
+from agent.security.tokens import TokenStore, default_hasher
 from agent.server import PeerCredentials
-from agent.tokens import TokenStore, default_hasher
-from registry.db import open_database
+from localdb import open_database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "authz.json"
 GOAL_US = 200.0
@@ -101,8 +101,8 @@ def main() -> None:
         # The daemon's own path: AuditLog (hash chain, batched writer thread, SQLite)
         # behind the same adapter app.py installs.
         from agent.app import audit_recorder
-        from agent.audit import AuditLog
-        from agent.keys import load_or_create_device_key
+        from agent.security.audit import AuditLog
+        from agent.security.keys import load_or_create_device_key
 
         audit_log = AuditLog(db, load_or_create_device_key(tmp))
         record = audit_recorder(audit_log)

@@ -24,10 +24,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.audit import AuditEntry, AuditLog
-from agent.audit_verify import verify
-from agent.keys import DeviceKey
-from registry.db import open_database
+from agent.security.audit import AuditEntry, AuditLog
+from agent.security.audit_verify import verify
+from agent.security.keys import DeviceKey
+from localdb import open_database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "audit.json"
 GOAL_RPS = 5_000

@@ -1,12 +1,14 @@
-"""Benchmark: variant selection over 10,000 variants (goal: < 5 ms per call).
+"""Benchmark: variant selection over 10,000 variants (goal: < 5 ms per call on a prepared index).
 
 Generates a seeded population of variants (500 models × 20 variants, mixed formats,
 targets, quantizations and runtime requirements), builds a `VariantIndex` of them once
 (timed on its own: the registry rebuilds it only when its variants change), warms up, then
-times, interleaved in the same process: `select()` (the pure-Python path),
-`VariantIndex.select()` (the columnar path, same result) and a baseline: a plain loop that
-only computes each variant's memory estimate. The ratios to the baseline are the figures
-that survive a noisy machine. Checks that both paths choose the same variant, and writes
+times, interleaved in the same process: `VariantIndex.select()` on the prepared index (the
+goal), `select()` on the plain list (which is `VariantIndex(variants).select()`: build and
+select, what a one-off caller pays) and a baseline: a plain loop that only computes each
+variant's memory estimate. The ratios to the baseline are the figures that survive a noisy
+machine. Checks that the chosen variant fits its budget and that both calls agree (they are
+one engine), times reading the explanation of every candidate, and writes
 bench/results/selection.json.
 
     .venv/bin/python bench/selection.py [--variants 10000] [--iterations 50] [--seed 7]
@@ -183,8 +185,9 @@ def main() -> int:
     indexed = index.select(PROFILE, policy)
     index_explain_ms = timed(lambda: indexed.candidates)
     same = indexed.chosen is selection.chosen and indexed.model_dump() == selection.model_dump()
-    if not same:
-        print("VariantIndex.select() differs from select()", file=sys.stderr)
+    if not same or selection.estimated_memory > selection.budget:
+        print("select() and VariantIndex.select() disagree, or the choice does not fit",
+              file=sys.stderr)
         return 1
 
     def stats(xs: list[float]) -> dict[str, float]:
@@ -216,18 +219,17 @@ def main() -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
 
     print(f"select() over {len(variants)} variants, {args.iterations} iterations")
-    print(f"  select        median {result['select_ms']['median']:.2f} ms   "
-          f"p95 {result['select_ms']['p95']:.2f} ms")
     print(f"  index.select  median {result['index_select_ms']['median']:.3f} ms   "
-          f"p95 {result['index_select_ms']['p95']:.3f} ms   (goal < 5 ms)")
+          f"p95 {result['index_select_ms']['p95']:.3f} ms   (prepared index; goal < 5 ms)")
+    print(f"  select        median {result['select_ms']['median']:.2f} ms   "
+          f"p95 {result['select_ms']['p95']:.2f} ms   (plain list: build + select)")
     print(f"  baseline      median {result['baseline_ms']['median']:.2f} ms   "
           f"p95 {result['baseline_ms']['p95']:.2f} ms   (estimate-only loop)")
     print(f"  ratio select/baseline {result['ratio_median']:.2f}×   "
           f"index.select/baseline {result['index_ratio_median']:.3f}×   "
           f"select/index.select {result['index_speedup_median']:.1f}×")
     print(f"  index build (once, O(n) Python): {build_ms:.1f} ms")
-    print(f"  explanation of all candidates (lazy, once): {explain_ms:.1f} ms select, "
-          f"{index_explain_ms:.1f} ms index  {counts}")
+    print(f"  explanation of all candidates (lazy, once): {explain_ms:.1f} ms  {counts}")
     print(f"  wrote {args.out}")
     return 0
 

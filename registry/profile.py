@@ -79,6 +79,13 @@ class RuntimeInfo(_Frozen):
     )
     onnxruntime_version: str | None = None
     onnx_providers: tuple[str, ...] = Field(default=(), description="get_available_providers()")
+    backends: tuple[str, ...] | None = Field(
+        default=None,
+        description=(
+            "Model formats this agent has an installed, importable backend for (gguf, onnx); "
+            "None: not known, not checked."
+        ),
+    )
 
 
 class HardwareProfile(_Frozen):

@@ -1,226 +1,227 @@
-"""A prepared, columnar view of a variant list, for repeated selection over the same variants.
+"""The selection engine: a variant list as columns, judged, estimated and ranked with numpy.
 
-`VariantIndex(variants)` does the per-variant Python work of `registry.selection.select`
-once (O(n)): it factorizes what the device and policy judgments depend on into small
-integer codes and precomputes the policy-independent parts of each memory estimate (bytes
-of weights, KV elements per token, the model's context). `VariantIndex.select(profile,
-policy)` then judges each distinct device and quantization once, as `select` does, and
-does the per-variant work (estimate, budget check, ranking key) as numpy column arithmetic.
+`VariantIndex(variants)` reads each variant once (O(n) Python): the (format, target,
+runtime requirement) triple, the quantization and the model alias become small integer
+codes, and each row gets its quality rank, its bits per weight as the ranking compares them
+and the policy-independent parts of its memory estimate (`registry.selection_estimate`).
+`VariantIndex.select(profile, policy)` then judges each distinct device and each (policy
+rule, quantization) pair once, computes every estimate, budget check and ranking-key
+component as column arithmetic, and returns a `Selection` whose candidates (with reasons)
+are built only when read. `registry.selection.select(variants, ...)` is
+`VariantIndex(variants).select(...)`: there is no other implementation.
 
-It returns exactly what `select(variants, profile, policy)` returns: the same chosen
-variant, estimate and budget, the same lazily built candidates and reasons (through the
-same `_explain`), and the same `NoVariantFits` message and attributes. Numbers the columns
-cannot carry exactly (an integer beyond 2**53, a NaN bits-per-weight, an estimate that
-overflows) make that call delegate to `select` itself, so equality holds for every input.
-
-Rebuild the index when the variants change; it keeps its own tuple of them.
+The rules are in docs/selection.md. The index keeps its own tuple of the variants; rebuild
+it when they change.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from fnmatch import fnmatchcase
+from functools import cached_property
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, computed_field
 
+from registry import errors
 from registry.profile import HardwareProfile
-from registry.selection import (
-    _HOT_FIELDS,
-    _NO_ESTIMATE,
-    KV_BYTES_PER_ELEMENT,
-    Candidate,
-    NoVariantFits,
-    Selection,
+from registry.selection_devices import DeviceVerdict, judge_device, system_budget
+from registry.selection_estimate import (
+    EstimateInputs,
+    estimate_facts,
+    estimate_inputs,
+    estimate_parts,
+    float_column,
+    to_float,
+)
+from registry.selection_policy import (
+    DeviceClass,
+    Preference,
+    QuantizationPolicy,
     SelectionPolicy,
-    _Combo,
-    _combo,
-    _Device,
-    _explain,
-    _judge_device,
-    _kv_elements_per_token,
-    _model_name,
-    _no_fit_message,
-    _QuantRules,
-    _Rejection,
-    _system_budget,
-    select,
 )
 from registry.types import BITS_PER_WEIGHT, QUALITY_RANK, VariantSpec, quality_rank
 
-__all__ = ["VariantIndex"]
+__all__ = ["Candidate", "NoVariantFits", "Selection", "VariantIndex"]
 
-# Integers below this convert to float64 exactly, so float64 arithmetic on them is exact.
-_EXACT = 2**53
-
-_DevKey = tuple[str, str, str | None]
-_ComboKey = tuple[str, str, str | None, str, bool, int]
+Verdict = Literal["chosen", "ranked", "rejected"]
+Rows = NDArray[np.intp]
+_T = TypeVar("_T", bound=Hashable)
 
 
-def _codes(values: list[int]) -> NDArray[np.intp]:
-    return np.array(values, dtype=np.intp)
+# ----------------------------------------------------------------------------- results
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.0f} MB"
+
+
+class Candidate(BaseModel):
+    """One variant as selection judged it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    variant: VariantSpec
+    verdict: Verdict
+    rank: int | None = Field(
+        description="1 for the chosen variant, 2.. for the others that fit; null if rejected."
+    )
+    device: DeviceClass
+    estimated_memory: int | None = Field(description="Bytes; null when it cannot be estimated.")
+    budget: int = Field(description="Bytes this variant's device may use.")
+    reasons: tuple[str, ...]
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def label(self) -> str:
+        """'chosen', 'ranked N' or 'rejected'."""
+        return f"ranked {self.rank}" if self.verdict == "ranked" else self.verdict
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def explanation(self) -> str:
+        """e.g. 'rejected: needs CUDA, none detected'."""
+        return f"{self.label}: {'; '.join(self.reasons)}"
+
+
+class Selection(BaseModel):
+    """The chosen variant, and (computed on first access) every candidate with its verdict."""
+
+    model_config = ConfigDict(frozen=True)
+
+    model_alias: str | None
+    chosen: VariantSpec
+    prefer: Preference
+    estimated_memory: int = Field(description="Bytes the chosen variant is estimated to need.")
+    budget: int = Field(description="Bytes the chosen variant's device may use.")
+    _build: Callable[[], list[Candidate]] | None = PrivateAttr(default=None)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @cached_property
+    def candidates(self) -> list[Candidate]:
+        """Chosen first, then the others that fit by rank, then the rejected by name."""
+        return self._build() if self._build is not None else []
+
+    @property
+    def chosen_candidate(self) -> Candidate:
+        return self.candidates[0]
+
+    def explain(self) -> str:
+        """One line per candidate: name and explanation."""
+        width = max((len(c.variant.name) for c in self.candidates), default=0)
+        return "\n".join(f"{c.variant.name:<{width}}  {c.explanation}" for c in self.candidates)
+
+
+class NoVariantFits(errors.NoVariantFits):
+    """No variant fits; the message names the smallest requirement, `candidates` says why."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        smallest: int | None = None,
+        budget: int | None = None,
+        build: Callable[[], list[Candidate]] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.smallest = smallest
+        self.budget = budget
+        self._build = build
+
+    @cached_property
+    def candidates(self) -> list[Candidate]:
+        """Every candidate, all rejected, with reasons."""
+        return self._build() if self._build is not None else []
+
+
+# ----------------------------------------------------------------------------- the index
+
+
+def _codes(values: Iterable[_T]) -> tuple[tuple[_T, ...], Rows]:
+    """The distinct values, in first-seen order, and each value's index among them."""
+    seen: dict[_T, int] = {}
+    codes = np.array([seen.setdefault(v, len(seen)) for v in values], dtype=np.intp)
+    return tuple(seen), codes
+
+
+def _ordered_codes(values: Iterable[str]) -> tuple[tuple[str, ...], Rows]:
+    """The distinct values, sorted, and each value's index among them (so codes order like
+    the values)."""
+    uniques, codes = _codes(values)
+    order = sorted(range(len(uniques)), key=lambda k: uniques[k])
+    rank = np.empty(len(order), dtype=np.intp)
+    rank[order] = np.arange(len(order), dtype=np.intp)
+    return tuple(uniques[k] for k in order), rank[codes]
+
+
+# The VariantSpec fields that the device and quantization judgments depend on: fetched in one
+# C call per variant and factorized, so each distinct combination is judged once.
+_KIND = operator.itemgetter("format", "target", "runtime_requirement", "quantization", "native")
 
 
 class VariantIndex:
-    """Variants as columns; `select` equals `registry.selection.select` on the same variants.
-
-    Columns (one entry per variant, in input order):
+    """Variants as columns, one entry per variant in input order; `select` chooses among them.
 
     * `dev`: code of (format, target, runtime requirement) in `dev_keys`;
     * `quant`: code of the quantization in `quants`;
-    * `alias`: code of the model alias in `aliases`, which is sorted, so the code orders
-      like the alias; `name_rank`: the same for the variant name;
-    * `quality`: quality rank (`native` folded in); `bpw_key`: bits per weight as the
-      ranking compares it (the variant's, else the table's, else 99);
-    * `not_installed`;
-    * the estimate: `fixed_est` (a given `estimated_memory`, -1 when it cannot be estimated,
-      NaN when it is computed), `compute` (computed rows), `size` (bytes of weights, from
-      the file size or parameters × bits per weight), `per_token` (KV elements per token,
-      with the fallbacks of `_kv_elements_per_token`), `ctx` (the model's context, 0 when
-      unknown);
-    * `unsafe`: rows the columns cannot represent exactly; a selection that would use one
-      is delegated to `select`.
+    * `alias`: code of the model alias in `aliases`, which is sorted, so the code orders like
+      the alias (`name_rank()` is the same for the variant name, computed on first use);
+    * `quality`: quality rank (`native` folded in); `bpw_key`: bits per weight as the ranking
+      compares them (the estimate's, else 99); `not_installed`;
+    * `inputs`: the policy-independent parts of each estimate.
     """
 
     __slots__ = (
-        "alias", "aliases", "bpw_key", "compute", "ctx", "dev", "dev_keys", "fixed_est",
-        "name_rank", "not_installed", "per_token", "quality", "quant", "quants", "size",
-        "unsafe", "variants",
+        "_name_rank", "alias", "aliases", "bpw_key", "dev", "dev_keys", "inputs", "names",
+        "not_installed", "quality", "quant", "quants", "variants",
     )
 
     variants: tuple[VariantSpec, ...]
-    dev_keys: tuple[_DevKey, ...]
+    dev_keys: tuple[tuple[str, str, str | None], ...]
     quants: tuple[str, ...]
     aliases: tuple[str, ...]
-    dev: NDArray[np.intp]
-    quant: NDArray[np.intp]
-    alias: NDArray[np.intp]
-    name_rank: NDArray[np.intp]
+    names: tuple[str, ...]
+    dev: Rows
+    quant: Rows
+    alias: Rows
     quality: NDArray[np.int64]
     bpw_key: NDArray[np.float64]
     not_installed: NDArray[np.bool_]
-    fixed_est: NDArray[np.float64]
-    compute: NDArray[np.bool_]
-    size: NDArray[np.float64]
-    per_token: NDArray[np.float64]
-    ctx: NDArray[np.float64]
-    unsafe: NDArray[np.bool_] | None  # None: no row is unsafe
+    inputs: EstimateInputs
+    _name_rank: Rows | None
 
     def __init__(self, variants: Sequence[VariantSpec]) -> None:
         self.variants = tuple(variants)
-        dev_codes: dict[_DevKey, int] = {}
-        quant_codes: dict[str, int] = {}
-        qualities: dict[tuple[str, bool], int] = {}
-        dev: list[int] = []
-        quant: list[int] = []
-        aliases: list[str] = []
-        names: list[str] = []
-        quality: list[int] = []
-        bpw_key: list[float] = []
-        not_installed: list[bool] = []
-        fixed_est: list[float] = []
-        size_col: list[float] = []
-        per_token_col: list[float] = []
-        ctx_col: list[float] = []
-        unsafe: list[int] = []
-        nan = float("nan")
-        fields = _HOT_FIELDS
-
-        for i, v in enumerate(self.variants):
-            (fmt, target, req, alias, q, native, est, size, bpw, params, vctx,
-             layers, embd, heads, kv_heads, head_dim, installed, vname) = fields(v.__dict__)
-            dkey = (fmt, target, req)
-            code = dev_codes.get(dkey)
-            if code is None:
-                code = dev_codes[dkey] = len(dev_codes)
-            dev.append(code)
-            code = quant_codes.get(q)
-            if code is None:
-                code = quant_codes[q] = len(quant_codes)
-            quant.append(code)
-            aliases.append(alias)
-            names.append(vname)
-            rank = qualities.get((q, native))
-            if rank is None:
-                rank = qualities[(q, native)] = quality_rank(q, native=native)
-            quality.append(rank)
-            not_installed.append(not installed)
-            # from here on, exactly the arithmetic of select()'s loop
-            if not bpw:
-                bpw = BITS_PER_WEIGHT.get(q)
-            key_bpw = bpw or 99.0
-            bpw_key.append(key_bpw)
-            if key_bpw != key_bpw:  # NaN: tuple comparison is not an order any more
-                unsafe.append(i)
-            s, p, c = nan, nan, 0.0
-            if est is not None:
-                fixed = float(est) if est < _EXACT else nan
-                if fixed != fixed:
-                    unsafe.append(i)
-            else:
-                fixed = nan
-                try:
-                    if size is None and params is not None and bpw:
-                        size = params * bpw / 8
-                    if size is None:
-                        fixed = -1.0
-                    else:
-                        width = head_dim or (embd // heads if embd and heads else 0)
-                        kvh = kv_heads or heads
-                        per_token: float
-                        if layers and width and kvh:
-                            per_token = 2 * layers * kvh * width
-                        else:
-                            per_token = _kv_elements_per_token(
-                                layers, embd, heads, kv_heads, head_dim, params, size, bpw
-                            )
-                        if isinstance(per_token, int) and abs(per_token) >= _EXACT:
-                            raise OverflowError(per_token)
-                        s, p = float(size), float(per_token)
-                        if vctx:
-                            if -_EXACT < vctx < _EXACT:
-                                c = float(vctx)
-                            elif vctx >= _EXACT:  # never below a context that is exact
-                                c = float(_EXACT)
-                            else:
-                                raise OverflowError(vctx)
-                except (ArithmeticError, ValueError):
-                    unsafe.append(i)  # select() raises, or computes what floats cannot
-            fixed_est.append(fixed)
-            size_col.append(s)
-            per_token_col.append(p)
-            ctx_col.append(c)
-
-        self.dev_keys = tuple(dev_codes)
-        self.quants = tuple(quant_codes)
-        self.aliases = tuple(sorted(set(aliases)))
-        alias_code = {a: n for n, a in enumerate(self.aliases)}
-        name_code = {a: n for n, a in enumerate(sorted(set(names)))}
-        self.dev = _codes(dev)
-        self.quant = _codes(quant)
-        self.alias = _codes([alias_code[a] for a in aliases])
-        self.name_rank = _codes([name_code[a] for a in names])
-        self.quality = np.array(quality, dtype=np.int64)
-        self.bpw_key = np.array(bpw_key, dtype=np.float64)
-        self.not_installed = np.array(not_installed, dtype=np.bool_)
-        self.fixed_est = np.array(fixed_est, dtype=np.float64)
-        self.compute = np.isnan(self.fixed_est)
-        self.size = np.array(size_col, dtype=np.float64)
-        self.per_token = np.array(per_token_col, dtype=np.float64)
-        self.ctx = np.array(ctx_col, dtype=np.float64)
-        if unsafe:
-            self.unsafe = np.zeros(len(self.variants), dtype=np.bool_)
-            self.unsafe[unsafe] = True
-            self.compute &= ~self.unsafe
-            self.unsafe.flags.writeable = False
-        else:
-            self.unsafe = None
-        for col in (self.dev, self.quant, self.alias, self.name_rank, self.quality, self.bpw_key,
-                    self.not_installed, self.fixed_est, self.compute, self.size, self.per_token,
-                    self.ctx):
+        rows = [v.__dict__ for v in self.variants]  # a pydantic model keeps its fields there
+        kinds, kind = _codes(map(_KIND, rows))  # (format, target, req, quantization, native)
+        self.dev_keys, dev = _codes(k[:3] for k in kinds)
+        self.quants, quant = _codes(k[3] for k in kinds)
+        self.dev, self.quant = dev[kind], quant[kind]
+        self.quality = np.array([quality_rank(k[3], native=k[4]) for k in kinds],
+                                dtype=np.int64)[kind]
+        table_bpw = float_column([BITS_PER_WEIGHT.get(k[3]) for k in kinds])[kind]
+        self.aliases, self.alias = _ordered_codes([r["model_alias"] for r in rows])
+        self.names = tuple([r["name"] for r in rows])
+        self._name_rank = None
+        self.not_installed = ~np.array([r["installed"] for r in rows], dtype=np.bool_)
+        self.inputs = estimate_inputs(estimate_facts(self.variants, table_bpw))
+        bpw = self.inputs.bits_per_weight
+        self.bpw_key = np.where(np.isnan(bpw), 99.0, bpw)
+        for col in (self.dev, self.quant, self.alias, self.quality, self.not_installed,
+                    self.bpw_key, *self.inputs):
             col.flags.writeable = False  # shared by every select(); never changed after build
 
     def __len__(self) -> int:
         return len(self.variants)
+
+    def name_rank(self) -> Rows:
+        """Each variant's name as a code that orders like the name."""
+        if self._name_rank is None:
+            self._name_rank = _ordered_codes(self.names)[1]
+        return self._name_rank
 
     def select(
         self,
@@ -229,154 +230,352 @@ class VariantIndex:
         *,
         model_alias: str | None = None,
     ) -> Selection:
-        """`registry.selection.select(self.variants, profile, policy, model_alias=...)`."""
-        variants = self.variants
-        system_budget = _system_budget(profile, policy)
-        devices = {
-            k: _judge_device(k[0], k[1], k[2], profile, policy, system_budget)
-            for k in self.dev_keys
-        }
-        dev_list = list(devices.values())
-        context = policy.context_length
-        if context >= _EXACT or any(d.budget >= _EXACT for d in dev_list):
-            return select(variants, profile, policy, model_alias=model_alias)
-        try:
-            overhead_fixed = float(policy.memory.overhead_bytes)
-        except OverflowError:
-            return select(variants, profile, policy, model_alias=model_alias)
+        """Choose the variant to run; raise `NoVariantFits` when none can.
 
-        rules = _QuantRules(policy.quantizations)
-        per_alias = bool(policy.quantizations.models)  # else every alias has the default rule
-        alias_rules: list[int] = []
-        if per_alias:
-            alias_rules = [rules.index(a) for a in self.aliases]
-            table = np.zeros((len(rules.rules), len(self.quants)), dtype=np.bool_)
-            for r in set(alias_rules):
-                table[r] = [rules.reason(r, q) is None for q in self.quants]
-            quant_ok = table[_codes(alias_rules)[self.alias], self.quant]
-        else:
-            qok = np.array([rules.reason(0, q) is None for q in self.quants], dtype=np.bool_)
-            quant_ok = qok[self.quant]
-        dev = self.dev
-        dev_ok = np.array([d.reason is None for d in dev_list], dtype=np.bool_)
-        ok = dev_ok[dev] & quant_ok
-        if self.unsafe is not None and bool((ok & self.unsafe).any()):
-            return select(variants, profile, policy, model_alias=model_alias)
-
-        # the estimate: int(size × (1 + overhead share) + fixed overhead + KV bytes)
-        share = policy.balanced_fraction
-        kv_bytes = KV_BYTES_PER_ELEMENT[policy.kv_cache_type]
-        overhead_share = 1.0 + policy.memory.overhead_fraction
-        fctx = float(context)
-        vctx = self.ctx
-        with np.errstate(all="ignore"):
-            ctx = np.where((vctx != 0) & (vctx < fctx), vctx, fctx)
-            x = self.size * overhead_share + overhead_fixed + self.per_token * ctx * kv_bytes
-            if not bool(np.isfinite(x[ok & self.compute]).all()):  # select() raises
-                return select(variants, profile, policy, model_alias=model_alias)
-            est = np.where(self.compute, np.trunc(x), self.fixed_est)
-        dev_budget = np.array([float(d.budget) for d in dev_list], dtype=np.float64)
-        known = ok & (est >= 0)
-        fits = est <= dev_budget[dev]
-        viable_mask = known & fits
-        viable = np.flatnonzero(viable_mask)
-
-        floor = QUALITY_RANK[policy.min_quality] if policy.min_quality else -1
-        prefer = policy.prefer
-        combos: dict[_ComboKey, _Combo] = {}
-        rule_of = dict(zip(self.aliases, alias_rules, strict=True)) if per_alias else {}
-
-        def judge(fmt: str, target: str, req: str | None) -> _Device:
-            return _judge_device(fmt, target, req, profile, policy, system_budget)
-
-        def combo_of(v: VariantSpec) -> _Combo:
-            rule = rule_of[v.model_alias] if per_alias else 0
-            key = (v.format, v.target, v.runtime_requirement, v.quantization, v.native, rule)
-            c = combos.get(key)
-            if c is None:
-                c = combos[key] = _combo(key, devices, judge, rules, floor, share)
-            return c
-
-        rejected_memo: list[list[_Rejection]] = []
-
-        def rejections() -> list[_Rejection]:
-            """What select()'s loop appends to `rejected`, in the same (input) order."""
-            if rejected_memo:
-                return rejected_memo[0]
-            out: list[_Rejection] = []
-            ok_l, known_l, dev_l = ok.tolist(), known.tolist(), dev.tolist()
-            for i in np.flatnonzero(~viable_mask).tolist():
-                if not ok_l[i]:
-                    c = combo_of(variants[i])
-                    out.append((i, None, c[0], c[1]))
-                else:
-                    d = dev_list[dev_l[i]]
-                    if known_l[i]:
-                        out.append((i, int(est[i]), None, d))
-                    else:
-                        out.append((i, None, _NO_ESTIMATE, d))
-            rejected_memo.append(out)
-            return out
-
-        def build() -> list[Candidate]:
-            viable_est = [int(e) for e in est[viable].tolist()]
-            return _explain(
-                variants, viable.tolist(), viable_est, rejections(), combo_of, devices, policy
-            )
-
-        if viable.size == 0:
-            over = np.flatnonzero(known & ~fits)
-            smallest: tuple[int, int] | None = None
-            if over.size:
-                j = int(over[np.argmin(est[over])])  # the first of equal estimates
-                smallest = (int(est[j]), dev_list[dev[j]].budget)
+        Ranking of the variants that fit: device (policy.device_order), then at-or-above
+        `min_quality` first, then the preference, then installed first, smaller estimate,
+        model alias and variant name; a complete tie goes to the first in input order, so
+        the result never depends on the order of the variants otherwise. `model_alias`
+        names the model in messages (default: the variants' common alias).
+        """
+        j = _Judgment(self, profile, policy)
+        best = j.best()
+        if best is None:
+            aliases = self.aliases
+            name = model_alias or (aliases[0] if len(aliases) == 1 else "the model")
+            smallest = j.smallest()
             raise NoVariantFits(
-                _no_fit_message(
-                    _model_name(model_alias, set(self.aliases)), variants, rejections(),
-                    smallest,
-                ),
+                j.no_fit_message(name, smallest),
                 smallest=smallest[0] if smallest else None,
                 budget=smallest[1] if smallest else None,
-                build=build,
+                build=j.candidates,
             )
-
-        # The ranking key of select(), one component at a time over the rows still tied;
-        # the first row (input order) of those left wins, as in select()'s strict `<`.
-        idx = viable
-        dev_rank = np.array([d.rank for d in dev_list], dtype=np.int64)
-        comps: list[Callable[[NDArray[np.intp]], NDArray[np.generic]]] = [
-            lambda r: dev_rank[dev[r]],
-            lambda r: self.quality[r] < floor,
-        ]
-        if prefer == "balanced":
-            comfy = np.array([share * d.budget for d in dev_list], dtype=np.float64)
-            comps += [
-                lambda r: est[r] > comfy[dev[r]],
-                lambda r: np.where(est[r] <= comfy[dev[r]], -self.quality[r], est[r]),
-            ]
-        elif prefer == "quality":
-            comps += [lambda r: -self.quality[r], lambda r: self.bpw_key[r]]
-        else:
-            comps += [lambda r: self.bpw_key[r], lambda r: -self.quality[r]]
-        comps += [
-            lambda r: self.not_installed[r],
-            lambda r: est[r],
-            lambda r: self.alias[r],
-            lambda r: self.name_rank[r],
-        ]
-        for comp in comps:
-            if idx.size == 1:
-                break
-            vals = comp(idx)
-            idx = idx[vals == vals.min()]
-        best = int(idx[0])
-        chosen = variants[best]
+        chosen = self.variants[best]
         sel = Selection(
             model_alias=model_alias or chosen.model_alias,
             chosen=chosen,
-            prefer=prefer,
-            estimated_memory=int(est[best]),
-            budget=dev_list[dev[best]].budget,
+            prefer=policy.prefer,
+            estimated_memory=int(j.est[best]),
+            budget=j.device(best).budget,
         )
-        sel._build = build
+        sel._build = j.candidates
         return sel
+
+
+# ----------------------------------------------------------------------------- judgment
+
+
+class _QuantRules:
+    """Policy quantization rules: each alias resolves to one rule, identified by an index."""
+
+    def __init__(self, policy: QuantizationPolicy) -> None:
+        d_allow = policy.default.allow if policy.default.allow is not None else ("*",)
+        d_forbid = policy.default.forbid or ()
+        self._exact: dict[str, int] = {}
+        self._globs: list[tuple[str, int]] = []
+        self.rules: list[tuple[tuple[str, ...], tuple[str, ...]]] = [(d_allow, d_forbid)]
+        # longest (most specific) glob first; ties by text so YAML order never matters
+        for key in sorted(policy.models, key=lambda k: (-len(k), k)):
+            r = policy.models[key]
+            allow = r.allow if r.allow is not None else d_allow
+            forbid = r.forbid if r.forbid is not None else d_forbid
+            self.rules.append((allow, forbid))
+            if any(c in key for c in "*?["):
+                self._globs.append((key, len(self.rules) - 1))
+            else:
+                self._exact[key] = len(self.rules) - 1
+
+    def index(self, alias: str) -> int:
+        """The rule `alias` follows: an exact key, else the longest matching glob, else 0."""
+        if alias in self._exact:
+            return self._exact[alias]
+        return next((i for pattern, i in self._globs if fnmatchcase(alias, pattern)), 0)
+
+    def reason(self, rule: int, quantization: str) -> str | None:
+        allow, forbid = self.rules[rule]
+        q = quantization.upper()
+        if any(fnmatchcase(q, p.upper()) for p in forbid):
+            return f"quantization {quantization} forbidden by policy"
+        if not any(fnmatchcase(q, p.upper()) for p in allow):
+            allowed = ", ".join(allow) or "none"
+            return f"quantization {quantization} not allowed by policy (allowed: {allowed})"
+        return None
+
+
+_NO_ESTIMATE = "cannot estimate memory: no file size and no parameter count"
+_NOT_FINITE = "cannot estimate memory: its figures are beyond float64's range"
+
+
+class _Judgment:
+    """One `VariantIndex.select` call: every row judged, estimated and keyed (all columns).
+
+    A row is viable when no rule rejects it (`ok`), its estimate is known and within its
+    device's budget. The ranking key (docs/selection.md §4) is `key`: eight components, each
+    a function of rows: (device rank, below min_quality, preference a, preference b, not
+    installed, estimate, alias, name); smaller sorts first, input order breaks full ties.
+    `best()` and `ranking()` both order by it.
+    """
+
+    def __init__(
+        self, index: VariantIndex, profile: HardwareProfile, policy: SelectionPolicy
+    ) -> None:
+        self.index, self.policy = index, policy
+        budget = system_budget(profile, policy)
+        self.devices = [judge_device(*k, profile, policy, budget) for k in index.dev_keys]
+        self.rules = rules = _QuantRules(policy.quantizations)
+        alias_rule = [rules.index(a) for a in index.aliases] if policy.quantizations.models else []
+        if alias_rule:
+            self.rule = np.array(alias_rule, dtype=np.intp)[index.alias]
+        else:  # every alias follows the default rule
+            self.rule = np.zeros(len(index), dtype=np.intp)
+        allowed = np.zeros((len(rules.rules), len(index.quants)), dtype=np.bool_)
+        for r in set(alias_rule) or {0}:
+            allowed[r] = [rules.reason(r, q) is None for q in index.quants]
+        dev = index.dev
+        dev_ok = np.array([d.reason is None for d in self.devices], dtype=np.bool_)
+        self.ok = dev_ok[dev] & allowed[self.rule, index.quant]
+
+        weights, kv, overhead = estimate_parts(index.inputs, policy)
+        self.est = est = weights + kv + overhead
+        self.known = np.isfinite(est)
+        dev_budget = np.array([to_float(d.budget) for d in self.devices], dtype=np.float64)
+        self.fits = est <= dev_budget[dev]  # False where unknown
+        self.viable_mask = self.ok & self.known & self.fits
+        self.viable = np.flatnonzero(self.viable_mask)
+
+        dev_rank = np.array([d.rank for d in self.devices], dtype=np.int64)
+        quality, bpw = index.quality, index.bpw_key
+        floor = QUALITY_RANK[policy.min_quality] if policy.min_quality else -1
+        a: Callable[[Rows], NDArray[Any]]
+        b: Callable[[Rows], NDArray[Any]]
+        if policy.prefer == "balanced":  # comfortable (0, -quality) before (1, estimate)
+            share = policy.balanced_fraction
+            comfy = dev_budget * share
+
+            def a(r: Rows) -> NDArray[Any]:
+                return np.where(est[r] <= comfy[dev[r]], 0.0, 1.0)
+
+            def b(r: Rows) -> NDArray[Any]:
+                return np.where(est[r] <= comfy[dev[r]], -quality[r], est[r])
+        elif policy.prefer == "quality":
+            def a(r: Rows) -> NDArray[Any]:
+                return -quality[r]
+
+            def b(r: Rows) -> NDArray[Any]:
+                return bpw[r]
+        else:
+            def a(r: Rows) -> NDArray[Any]:
+                return bpw[r]
+
+            def b(r: Rows) -> NDArray[Any]:
+                return -quality[r]
+        self.key: list[Callable[[Rows], NDArray[Any]]] = [
+            lambda r: dev_rank[dev[r]],
+            lambda r: quality[r] < floor,
+            a,
+            b,
+            lambda r: index.not_installed[r],
+            lambda r: est[r],
+            lambda r: index.alias[r],
+            lambda r: index.name_rank()[r],
+        ]
+
+    def device(self, i: int) -> DeviceVerdict:
+        return self.devices[int(self.index.dev[i])]
+
+    def best(self) -> int | None:
+        """The row the ranking puts first (the first row of `ranking()`), or None."""
+        rows = self.viable
+        for component in self.key:  # narrow to the rows still tied, one component at a time
+            if rows.size <= 1:
+                break
+            values = component(rows)
+            rows = rows[values == values.min()]
+        return int(rows[0]) if rows.size else None
+
+    def ranking(self) -> tuple[list[int], list[tuple[Any, ...]]]:
+        """The viable rows in rank order, with their keys."""
+        columns = [component(self.viable) for component in self.key]
+        order = np.lexsort(columns[::-1]) if self.viable.size else self.viable
+        keys = list(zip(*(c[order].tolist() for c in columns), strict=True))
+        return self.viable[order].tolist(), keys
+
+    def rejection(self, i: int) -> str:
+        """Why row `i` is not viable: the first rule that rejects it, else its estimate."""
+        v, d = self.index.variants[i], self.device(i)
+        if not self.ok[i]:
+            reason = self.rules.reason(int(self.rule[i]), v.quantization) or d.reason
+            assert reason is not None
+            return reason
+        if not self.known[i]:
+            return _NO_ESTIMATE if self.unknown()[i] else _NOT_FINITE
+        return f"{_size(float(self.est[i]))} estimated > {_size(d.budget)} {d.budget_label}"
+
+    def unknown(self) -> NDArray[np.bool_]:
+        """Rows without the facts for an estimate (others may be beyond float64's range)."""
+        inputs = self.index.inputs
+        return np.isnan(inputs.weights) & np.isnan(inputs.given)
+
+    def smallest(self) -> tuple[int, int] | None:
+        """(estimate, budget) of the row with the smallest estimate rejected only for size."""
+        over = np.flatnonzero(self.ok & self.known & ~self.fits)
+        if not over.size:
+            return None
+        i = int(over[np.argmin(self.est[over])])  # the first of equal estimates
+        return int(self.est[i]), self.device(i).budget
+
+    def no_fit_message(self, name: str, smallest: tuple[int, int] | None) -> str:
+        if not len(self.index):
+            return f"no variant of {name} to choose from"
+        if smallest is not None:
+            return (
+                f"no variant of {name} fits: smallest needs {_size(smallest[0])}, "
+                f"budget is {_size(smallest[1])}"
+            )
+        # one row per distinct (rule, quantization, device) and unknown-estimate kind
+        index = self.index
+        kind = ((self.rule * len(index.quants) + index.quant) * len(index.dev_keys) + index.dev)
+        kind = np.where(self.ok, -1 - self.unknown(), kind)
+        _, first = np.unique(kind, return_index=True)
+        reasons = sorted({self.rejection(int(i)) for i in first})
+        shown = "; ".join(reasons[:3]) + ("; …" if len(reasons) > 3 else "")
+        return f"no variant of {name} fits: every variant was rejected ({shown})"
+
+    def candidates(self) -> list[Candidate]:
+        """Every variant with verdict and reasons: chosen, ranked by key, rejected by name."""
+        variants, policy = self.index.variants, self.policy
+        mk = Candidate.model_construct
+        out: list[Candidate] = []
+        rows, keys = self.ranking()
+        if rows:
+            ci, ckey = rows[0], keys[0]
+            chosen, cdev = variants[ci], self.device(ci)
+            passed = np.flatnonzero(
+                ~self.viable_mask
+                & (np.array([d.rank < cdev.rank and d.present for d in self.devices],
+                            dtype=np.bool_)[self.index.dev])
+            ).tolist()
+            out.append(mk(
+                variant=chosen, verdict="chosen", rank=1, device=cdev.cls,
+                estimated_memory=int(ckey[5]), budget=cdev.budget,
+                reasons=_chosen_reasons(
+                    chosen, ckey, cdev, sorted((variants[i].name, self.rejection(i))
+                                               for i in passed),
+                    policy, any_at_floor=not all(k[1] for k in keys),
+                ),
+            ))
+            for n, (i, key) in enumerate(zip(rows[1:], keys[1:], strict=True), start=2):
+                v, dev = variants[i], self.device(i)
+                out.append(mk(
+                    variant=v, verdict="ranked", rank=n, device=dev.cls,
+                    estimated_memory=int(key[5]), budget=dev.budget,
+                    reasons=_ranked_reasons(v, key, dev, chosen, ckey, cdev, policy),
+                ))
+
+        def by_name(i: int) -> tuple[str, str, str, str, str]:
+            v = variants[i]
+            return (v.model_alias, v.name, v.format, v.target, v.quantization)
+
+        for i in sorted(np.flatnonzero(~self.viable_mask).tolist(), key=by_name):
+            dev = self.device(i)
+            out.append(mk(
+                variant=variants[i], verdict="rejected", rank=None, device=dev.cls,
+                estimated_memory=int(self.est[i]) if self.known[i] else None,
+                budget=dev.budget, reasons=(self.rejection(i),),
+            ))
+        return out
+
+
+def _quality_text(v: VariantSpec) -> str:
+    return f"{v.quantization} (native)" if v.native else v.quantization
+
+
+def _chosen_reasons(
+    v: VariantSpec,
+    key: tuple[Any, ...],
+    dev: DeviceVerdict,
+    passed: list[tuple[str, str]],
+    policy: SelectionPolicy,
+    *,
+    any_at_floor: bool,
+) -> tuple[str, ...]:
+    """Why `v` won; `passed`: (name, reason) of the variants rejected on preferred devices."""
+    q = _quality_text(v)
+    pct = f"{policy.balanced_fraction:.0%}"
+    floor = f" at or above {policy.min_quality}" if policy.min_quality and any_at_floor else ""
+    reasons: list[str] = []
+    if key[1]:
+        reasons.append(
+            f"{v.quantization} is below the preferred quality ({policy.min_quality}), "
+            "but nothing at or above it fits"
+        )
+    if policy.prefer == "quality":
+        reasons.append(f"highest quality that fits ({q})")
+    elif policy.prefer == "speed":
+        reasons.append(f"fewest bits per weight{floor} ({key[2]:g}, {q})")
+    elif key[2] == 0:
+        reasons.append(f"highest quality{floor} within {pct} of the {dev.budget_label} ({q})")
+    else:
+        reasons.append(
+            f"smallest estimate{floor}; none fits within {pct} of the {dev.budget_label}"
+        )
+    reasons.append(f"{_size(key[5])} estimated of {_size(dev.budget)} {dev.budget_label}")
+    if dev.cls != "cpu":
+        reasons.append(f"runs on {v.target}; {dev.cls} comes first in device order")
+    if passed:
+        first = "; ".join(f"{n} rejected: {r}" for n, r in passed[:2])
+        more = f" (and {len(passed) - 2} more)" if len(passed) > 2 else ""
+        reasons.append(f"falls back to {dev.cls}: {first}{more}")
+    if v.installed:
+        reasons.append("installed")
+    return tuple(reasons)
+
+
+def _ranked_reasons(
+    v: VariantSpec,
+    key: tuple[Any, ...],
+    dev: DeviceVerdict,
+    chosen: VariantSpec,
+    ckey: tuple[Any, ...],
+    cdev: DeviceVerdict,
+    policy: SelectionPolicy,
+) -> tuple[str, ...]:
+    """Why `v` ranks below `chosen`: the first key component in which it loses."""
+    j = next((n for n, (a, b) in enumerate(zip(key, ckey, strict=True)) if a != b), 7)
+    floor_note = f"{v.quantization} is below the preferred quality ({policy.min_quality})"
+    cq = _quality_text(chosen)
+    if j == 0:
+        reason = f"runs on {dev.cls}; {cdev.cls} comes first in device order"
+    elif j == 1:
+        reason = floor_note
+    elif j in (2, 3) and policy.prefer == "quality":
+        reason = (
+            f"lower quality than {cq}" if j == 2
+            else f"same quality as {cq}, more bits per weight ({key[3]:g} > {ckey[3]:g})"
+        )
+    elif j in (2, 3) and policy.prefer == "speed":
+        reason = (
+            f"more bits per weight than {cq} ({key[2]:g} > {ckey[2]:g})" if j == 2
+            else f"same bits per weight as {cq}, lower quality"
+        )
+    elif j == 2:
+        pct = f"{policy.balanced_fraction:.0%}"
+        reason = (
+            f"uses more than {pct} of the {dev.budget_label} "
+            f"({_size(key[5])} of {_size(dev.budget)})"
+        )
+    elif j == 3:
+        reason = (
+            f"lower quality than {cq}" if key[2] == 0
+            else f"larger estimate than {cq} ({_size(key[5])} > {_size(ckey[5])})"
+        )
+    elif j == 4:
+        reason = f"not installed; {chosen.name} is"
+    elif j == 5:
+        reason = f"larger estimate than {chosen.name} ({_size(key[5])} > {_size(ckey[5])})"
+    else:
+        reason = f"ties with {chosen.name}; ordered by name"
+    reasons = [reason]
+    if key[1] and j != 1:
+        reasons.append(floor_note)
+    return tuple(reasons)

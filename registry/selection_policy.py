@@ -13,13 +13,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ByteSize, ConfigDict, Field, field_validator
 
+from policies import packaged
 from registry.errors import PolicyError
 from registry.types import QUALITY_RANK
 from registry.yamlfile import load_yaml_model
 
-_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_POLICY_PATH = _ROOT / "policies" / "selection.yaml"
-POLICY_SCHEMA_PATH = _ROOT / "policies" / "schemas" / "selection.schema.json"
+DEFAULT_POLICY_PATH = packaged("selection.yaml")
+POLICY_SCHEMA_PATH = packaged("schemas/selection.schema.json")
 
 DeviceClass = Literal["npu", "gpu", "cpu"]
 Preference = Literal["quality", "balanced", "speed"]
@@ -146,7 +146,7 @@ class SelectionPolicy(_Strict):
 
 
 def load_policy(path: Path | None = None) -> SelectionPolicy:
-    """The policy in `path` (default: policies/selection.yaml, or the built-in defaults if absent).
+    """The policy in `path` (default: the packaged selection.yaml, or the built-in defaults).
 
     Invalid input raises `PolicyError` naming the file, the line and the field.
     """

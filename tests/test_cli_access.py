@@ -12,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from agent.authz import PERMISSIONS
 from agent.cli import main
-from agent.cli_access import PERMISSION_ATTR
+from agent.cli.guard import PERMISSION_ATTR
+from agent.security.authz import PERMISSIONS
 
 # Commands that need no permission of their own, and why.
 UNGUARDED = {
@@ -61,9 +61,11 @@ def test_every_cli_command_declares_a_permission_or_why_not() -> None:
     assert set(UNGUARDED) <= set(_commands(main)), "stale entries in UNGUARDED"
 
 
-def _run_as(uid: int, home: Path, *args: str) -> tuple[int, str]:
+def _run_as(uid: int, home: Path, *args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
     """Run the CLI in a forked child that has dropped to `uid` (a real process and uid;
-    no exec, since the interpreter under /root is not reachable by other uids)."""
+    no exec, since the interpreter and the checkout may be closed to other uids: a clone
+    in a 0700 directory). The child can import nothing new, so the caller first runs the
+    same command path once in this process (`_warm`)."""
     from click.testing import CliRunner
 
     read_fd, write_fd = os.pipe()
@@ -75,7 +77,8 @@ def _run_as(uid: int, home: Path, *args: str) -> tuple[int, str]:
             os.setgroups([])
             os.setgid(uid)
             os.setuid(uid)
-            result = CliRunner().invoke(main, list(args), env={"EDGE_AGENT_HOME": str(home)})
+            result = CliRunner().invoke(main, list(args),
+                                        env={"EDGE_AGENT_HOME": str(home), **(env or {})})
             code = result.exit_code
             os.write(write_fd, f"{code}\n{result.stderr}".encode())
         finally:
@@ -86,6 +89,23 @@ def _run_as(uid: int, home: Path, *args: str) -> tuple[int, str]:
     os.waitpid(pid, 0)
     code_s, _, err = out.partition("\n")
     return int(code_s), err
+
+
+def _warm(tmp_path: Path, *args: str) -> None:
+    """Run `args` once here, denied by a policy that binds nobody, against a scratch home:
+    every module the command's refusal path imports is then loaded before a fork."""
+    from click.testing import CliRunner
+
+    scratch = tmp_path / "warm"
+    (scratch / "home").mkdir(parents=True)
+    nobody = scratch / "nobody.yaml"
+    nobody.write_text("bindings: []\n")
+    subprocess.run([sys.executable, "-m", "agent", "tokens", "list"], check=False,
+                   env={**os.environ, "EDGE_AGENT_HOME": str(scratch / "home")},
+                   capture_output=True)  # creates the scratch database and key
+    result = CliRunner().invoke(main, list(args), env={
+        "EDGE_AGENT_HOME": str(scratch / "home"), "EDGE_AGENT_SECURITY__RBAC_FILE": str(nobody)})
+    assert result.exit_code == 1 and "permission denied" in result.stderr, result.stderr
 
 
 def test_unbound_uid_is_refused_by_the_cli_and_the_denial_is_audited(
@@ -105,6 +125,14 @@ def _refused(tmp_path: Path, smollm2_gguf: Path) -> None:
                            "--alias", "smol"], env={**os.environ, "EDGE_AGENT_HOME": str(home)},
                           capture_output=True, text=True, check=False)
     assert root.returncode == 0, root.stderr
+    # What uid 65534 reads is staged where it can reach it: the packaged policy lives in
+    # the checkout, which may be closed to other uids.
+    from agent.security.authz import DEFAULT_RBAC_PATH
+
+    policy = tmp_path / "rbac.yaml"
+    shutil.copy(DEFAULT_RBAC_PATH, policy)
+    env = {"EDGE_AGENT_SECURITY__RBAC_FILE": str(policy)}
+    _warm(tmp_path, "models", "rm", "smol")
     # Let uid 65534 reach the files (and own the signing key), so only the policy stops it.
     keys = home / "keys"
     for p in [tmp_path, home, *home.rglob("*")]:
@@ -112,7 +140,7 @@ def _refused(tmp_path: Path, smollm2_gguf: Path) -> None:
             p.chmod(0o777 if p.is_dir() else 0o666)
     for p in [keys, *keys.iterdir()]:
         os.chown(p, 65534, 65534)
-    code, stderr = _run_as(65534, home, "models", "rm", "smol")
+    code, stderr = _run_as(65534, home, "models", "rm", "smol", env=env)
     assert code == 1
     assert "permission denied" in stderr and "uid:65534" in stderr
     with sqlite3.connect(home / "registry.db") as db:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from daemon import Daemon, prepare_home, running
 
-from agent.authz import DEFAULT_RBAC_PATH
+from agent.security.authz import DEFAULT_RBAC_PATH
 
 SMOL = "smollm2-135m"
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from agent.identity import IdentityCache, Subject, lookup_account, subject_for_uid
+from agent.security.identity import IdentityCache, Subject, lookup_account, subject_for_uid
 from agent.server import PeerCredentials, bind_unix_socket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -142,7 +142,7 @@ SERVER = """
 import asyncio, sys
 from pathlib import Path
 from aiohttp import web
-from agent.identity import IdentityCache, subject_from_peer
+from agent.security.identity import IdentityCache, subject_from_peer
 from agent.server import bind_unix_socket, peer_credentials
 
 cache = IdentityCache()

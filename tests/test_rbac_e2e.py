@@ -21,21 +21,12 @@ import pytest
 from daemon import Daemon, prepare_home
 from test_identity import http_request, run_as
 
-from agent.settings import Settings
-from agent.tokens import TokenStore
-from registry.db import open_database
+from agent.security.tokens import TokenStore
+from localdb import open_database
 
-ROOT = Path(__file__).resolve().parent.parent
-# The daemon enforces RBAC once agent/app.py installs agent.access and the settings have
-# `security.rbac_file` (EDGE_AGENT_SECURITY__RBAC_FILE) for the policy path.
-WIRED = "agent.access" in (ROOT / "agent" / "app.py").read_text(encoding="utf-8")
-HAS_SETTING = "security" in Settings.model_fields
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0 or shutil.which("useradd") is None,
                        reason="creates users and drops privileges: needs root and useradd"),
-    pytest.mark.skipif(not (WIRED and HAS_SETTING),
-                       reason="daemon not wired yet: agent/app.py must install agent.access "
-                              "and Settings needs security.rbac_file"),
 ]
 
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
@@ -227,3 +218,56 @@ def test_reload_rejects_invalid_and_applies_valid(agent: Agent, users: dict[str,
         agent.policy.write_text(good)
         with agent.root() as c:
             assert c.post("/agent/v1/policy/reload").status_code == 200
+
+
+# One route per permission that has one, to ask the daemon itself.
+PROBES = {
+    "device:read": ("GET", "/agent/v1/device"),
+    "metrics:read": ("GET", "/metrics"),
+    "models:read": ("GET", "/v1/models"),
+    "audit:read": ("GET", "/agent/v1/audit"),
+    "policy:write": ("POST", "/agent/v1/policy/reload"),
+}
+
+
+def test_policy_explain_and_the_daemon_agree_on_self_and_others(
+    users: dict[str, User], tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path
+) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    home = prepare_home(tmp_path_factory.mktemp("self"), {SMOL: smollm2_gguf})
+    home.chmod(0o755)
+    policy = home / "rbac.yaml"
+    # No `uid: 0` binding: root is allowed only as `self`, the daemon's own account.
+    policy.write_text("bindings:\n  - uid: self\n    role: operator\n"
+                      f"  - user: {users['viewer'].name}\n    role: viewer\n"
+                      f"  - group: {users['group'].name}\n    role: app\n")
+    env = {"EDGE_AGENT_SECURITY__RBAC_FILE": str(policy), "EDGE_AGENT_HOME": str(home)}
+    d = Daemon(home, {"EDGE_AGENT_SERVER__SOCKET_MODE": str(0o666), **env})
+    d.sockdir.chmod(0o755)
+    d.start()
+    try:
+        me = User("root", os.geteuid(), os.getegid(), [])
+        assert home.stat().st_uid == me.uid  # the daemon's account owns its home
+        agent = Agent(d, policy, home)
+        subjects = {"self": me, "viewer": users["viewer"], "member": users["member"],
+                    "nobody": users["nobody"]}
+        for label, u in subjects.items():
+            out = CliRunner().invoke(main, ["policy", "explain", "--uid", str(u.uid), "--json"],
+                                     env=env)
+            assert out.exit_code == 0, out.output
+            explained = {x["action"]: x for x in json.loads(out.stdout)["decisions"]}
+            for permission, (method, target) in PROBES.items():
+                status, body = agent.as_user(u, method, target)
+                assert status in (200, 403), (label, permission, status, body)
+                said = explained[permission]
+                assert said["allowed"] == (status == 200), (label, permission, said, body)
+                if status == 403:
+                    assert body["error"]["message"] == said["reason"], (label, permission)
+            if label == "self":
+                assert explained["device:read"]["binding"] == "uid:self"
+                assert not explained["policy:write"]["allowed"]  # operator: no policy:write
+    finally:
+        d.stop()

@@ -140,8 +140,8 @@ def test_rm_refuses_while_another_process_has_the_model_loaded(
         [sys.executable, "-c", textwrap.dedent(f"""
             import sys
             from pathlib import Path
-            from registry.service import Registry
-            reg = Registry(Path({str(tmp_path)!r}))
+            from registry.service import open_registry
+            reg = open_registry(Path({str(tmp_path)!r}))
             with reg.lease({SMOL_SHA!r}):
                 print("held", flush=True)
                 sys.stdin.readline()
@@ -175,9 +175,7 @@ def test_pull_installs_offline_models_verified(tmp_path: Path) -> None:
 
 
 def reg_pull(reg, alias):  # type: ignore[no-untyped-def]
-    from agent.models import pull_model
-
-    return pull_model(reg, alias, progress=False)
+    return reg.pull(alias)
 
 
 def test_cli_models_commands_round_trip(tmp_path: Path, smollm2_gguf: Path) -> None:

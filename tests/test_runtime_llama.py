@@ -13,18 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from agent.errors import ChatNotSupported, ModelLoadFailed, PromptTooLong
 from agent.metrics import Metrics
 from agent.runtime.llama import LlamaBackend
-from agent.runtime.types import (
-    ChatMessage,
-    ChatNotSupported,
-    Chunk,
-    GenerationRequest,
-    ModelLoadFailed,
-    PromptTooLong,
-    ResolvedModel,
-    Sampling,
-)
+from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, ResolvedModel, Sampling
 
 pytestmark = pytest.mark.slow
 
@@ -122,7 +114,7 @@ def test_completion_continues_the_prompt(smol: LlamaBackend) -> None:
     prompt = "The three primary colors are"
     text, last = run(smol, complete(prompt, temperature=0, max_tokens=12))
     assert text.strip()
-    assert last.prompt_tokens == len(smol.tokenize(smol.format_prompt(complete(prompt))))
+    assert last.prompt_tokens == len(smol.prompt_tokens(smol.format_prompt(complete(prompt))))
 
 
 def test_same_seed_same_text(smol: LlamaBackend) -> None:
@@ -168,7 +160,7 @@ def test_prompt_longer_than_context(smol: LlamaBackend) -> None:
             list(small.generate(complete("hello world " * 200), threading.Event()))
         # A prompt that fits but leaves little room: max_tokens is clamped, not refused.
         prompt = "hello world " * 120
-        n = len(small.tokenize(small.format_prompt(complete(prompt))))
+        n = len(small.prompt_tokens(small.format_prompt(complete(prompt))))
         _, last = run(small, complete(prompt, max_tokens=1000, temperature=0))
         assert last.completion_tokens is not None and n + last.completion_tokens <= 256
     finally:

@@ -197,7 +197,7 @@ def test_nothing_fits_names_the_smallest_requirement() -> None:
 
 def test_nothing_fits_under_a_memory_cap() -> None:
     policy = SelectionPolicy(memory=MemoryPolicy(max_bytes="2GB"))  # type: ignore[arg-type]
-    with pytest.raises(NoVariantFits, match=r"smallest needs 2\.\d GB, budget is 1\.5 GB"):
+    with pytest.raises(NoVariantFits, match=r"smallest needs 2\.\d GB, budget is 2\.0 GB"):
         run("a100-no-gpu-runtime", "phi4-mini", policy)
 
 
@@ -331,6 +331,83 @@ def test_device_order_can_exclude_a_device() -> None:
 def test_unavailable_runtime_requirement() -> None:
     sel = run("pi5", "bitnet-b1.58-2b4t")
     assert by_name(sel)["gguf-i2_s-cpu"] == "rejected: needs bitnet.cpp, not available"
+
+
+def with_backends(dev: str, backends: tuple[str, ...] | None) -> HardwareProfile:
+    profile = device(dev)
+    runtimes = profile.runtimes.model_copy(update={"backends": backends})
+    return profile.model_copy(update={"runtimes": runtimes})
+
+
+@pytest.mark.parametrize(
+    ("dev", "alias", "prefer", "expected"),
+    [("pi5", "qwen3-0.6b", "quality", "gguf-f16-cpu"),  # onnx-fp32-cpu without the rule
+     ("pi5", "qwen3-0.6b", "balanced", "gguf-f16-cpu"),
+     ("core-ultra", "phi4-mini", "balanced", "gguf-f16-cpu"),  # the NPU variant is ONNX
+     ("pi5", "minilm-l6-v2", "balanced", None)],  # ONNX only: nothing left
+)
+def test_a_format_without_a_backend_is_rejected(
+    dev: str, alias: str, prefer: str, expected: str | None
+) -> None:
+    policy = SelectionPolicy(prefer=prefer)  # type: ignore[arg-type]
+    profile = with_backends(dev, ("gguf",))
+    reason = "no onnx backend in this agent (available: gguf)"
+    if expected is None:
+        with pytest.raises(NoVariantFits) as e:
+            select(specs(alias), profile, policy, model_alias=alias)
+        assert str(e.value) == f"no variant of {alias} fits: every variant was rejected ({reason})"
+        return
+    sel = select(specs(alias), profile, policy, model_alias=alias)
+    assert sel.chosen.name == expected
+    onnx = [c for c in sel.candidates if c.variant.format == "onnx"]
+    assert onnx and all(c.explanation == f"rejected: {reason}" for c in onnx)
+    assert all(c.verdict != "rejected" or c.variant.format == "onnx" or c.variant.target != "cpu"
+               for c in sel.candidates)
+    assert f"{onnx[0].variant.name:<{max(len(v.name) for v in specs(alias))}}  rejected: " \
+           f"{reason}" in sel.explain().splitlines()
+
+
+def test_a_backend_rejection_of_a_present_npu_is_a_fallback() -> None:
+    sel = select(specs("phi4-mini"), with_backends("core-ultra", ("gguf",)), DEFAULT)
+    assert sel.chosen.target == "cpu"
+    assert "falls back to cpu: onnx-int4-npu-intel-npu rejected: no onnx backend in this " \
+           "agent (available: gguf)" in sel.chosen_candidate.reasons
+
+
+def test_no_backend_at_all_rejects_everything() -> None:
+    with pytest.raises(NoVariantFits) as e:
+        select(specs("qwen3-0.6b"), with_backends("pi5", ()), DEFAULT, model_alias="qwen3-0.6b")
+    assert str(e.value) == (
+        "no variant of qwen3-0.6b fits: every variant was rejected (no gguf backend in this "
+        "agent (available: none); no onnx backend in this agent (available: none))"
+    )
+    assert e.value.smallest is None
+    assert {c.explanation for c in e.value.candidates} == {
+        "rejected: no gguf backend in this agent (available: none)",
+        "rejected: no onnx backend in this agent (available: none)",
+    }
+    assert len(e.value.candidates) == len(specs("qwen3-0.6b"))
+
+
+def test_device_order_comes_before_the_backend_rule() -> None:
+    policy = SelectionPolicy(device_order=("cpu",))
+    sel = select(specs("phi4-mini"), with_backends("core-ultra", ("gguf",)), policy)
+    lines = by_name(sel)
+    assert lines["onnx-int4-npu-intel-npu"] == (
+        "rejected: device npu excluded by policy (device_order: cpu)"
+    )
+    assert lines["onnx-int4-cpu"] == "rejected: no onnx backend in this agent (available: gguf)"
+
+
+@pytest.mark.parametrize("dev", ["pi5", "a100", "x-elite", "core-ultra", "qcs8300-npu-offline"])
+def test_unknown_backends_change_nothing(dev: str) -> None:
+    """backends=None (not checked) is the profile as before; listing both formats is too."""
+    for alias in ("phi4-mini", "qwen3-0.6b", "minilm-l6-v2"):
+        reference = select(specs(alias), device(dev), DEFAULT, model_alias=alias)
+        assert device(dev).runtimes.backends is None
+        for backends in (None, ("gguf", "onnx"), ("onnx", "gguf", "other")):
+            sel = select(specs(alias), with_backends(dev, backends), DEFAULT, model_alias=alias)
+            assert sel.model_dump() == reference.model_dump()
 
 
 def test_memory_rejection_reason() -> None:
@@ -528,7 +605,7 @@ def test_memory_budget_for_hand_built_profiles() -> None:
     assert memory_budget(profile, DEFAULT) == 12 * GB - 500_000_000
     assert memory_budget(profile, DEFAULT, "cuda") == 24 * GB - 500_000_000
     capped = SelectionPolicy(memory=MemoryPolicy(max_bytes="4GB"))  # type: ignore[arg-type]
-    assert memory_budget(profile, capped) == 3_500_000_000
+    assert memory_budget(profile, capped) == 4 * GB  # the cap is the budget itself
 
 
 # ----------------------------------------------------------------------------- policy file

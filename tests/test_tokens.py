@@ -14,8 +14,8 @@ from argon2 import PasswordHasher
 from click.testing import CliRunner
 
 from agent.cli import Context
-from agent.cli_tokens import tokens as tokens_cli
-from agent.tokens import (
+from agent.cli.tokens import tokens as tokens_cli
+from agent.security.tokens import (
     ExpiredToken,
     InvalidToken,
     RevokedToken,
@@ -25,7 +25,7 @@ from agent.tokens import (
     TokenStore,
     parse_duration,
 )
-from registry.db import Database, open_database
+from localdb import Database, open_database
 
 FAST = {"time_cost": 1, "memory_cost": 1024, "parallelism": 1}
 

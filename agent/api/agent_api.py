@@ -6,7 +6,7 @@ import asyncio
 
 from aiohttp import web
 
-from agent.access import SUBJECT
+from agent.api.access import SUBJECT
 from agent.api.errors import APIError
 from agent.api.openai import parse_keep_alive, read_json
 from agent.api.routes import PUBLIC, RouteSpec
@@ -63,27 +63,27 @@ async def load(request: web.Request) -> web.Response:
         keep_alive = parse_keep_alive(body.get("keep_alive"))
     except ValueError as exc:
         raise APIError(400, str(exc), param="keep_alive") from exc
-    loaded = await state.manager.load(alias, keep_alive)
+    loaded = await state.scheduler.load(alias, keep_alive)
     return web.json_response(loaded.model_dump(mode="json"))
 
 
 async def unload(request: web.Request) -> web.Response:
     state = request.app[STATE]
     alias = request.match_info["alias"]
-    done = await state.manager.unload(alias)
+    done = await state.scheduler.unload(alias)
     return web.json_response({"model": alias, "unloaded": done})
 
 
 async def loaded(request: web.Request) -> web.Response:
     state = request.app[STATE]
     return web.json_response(
-        {"models": [m.model_dump(mode="json") for m in state.manager.loaded()]}
+        {"models": [m.model_dump(mode="json") for m in state.scheduler.loaded()]}
     )
 
 
 async def audit_tail(request: web.Request) -> web.Response:
     """The newest audit records, after flushing what is pending (so a client sees its own)."""
-    from agent import audit as auditlog
+    from agent.security import audit as auditlog
 
     state = request.app[STATE]
     try:
@@ -93,7 +93,7 @@ async def audit_tail(request: web.Request) -> web.Response:
     if not 1 <= n <= 1000:
         raise APIError(400, "n must be an integer from 1 to 1000", param="n")
     await asyncio.to_thread(state.audit.flush, 10.0)
-    records = await asyncio.to_thread(auditlog.tail, state.registry.db, n)
+    records = await asyncio.to_thread(auditlog.tail, state.db, n)
     return web.json_response({"records": [r.to_dict() for r in records]})
 
 

@@ -1,6 +1,7 @@
 """API errors in OpenAI's shape `{"error": {"message", "type", "param", "code"}}`.
 
-Every failure leaves the server through `error_middleware`, so clients see one shape.
+Every failure leaves the server through `error_middleware`, so clients see one shape, and
+`to_api_error` is the one place an exception becomes an HTTP status.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from typing import Any
 from aiohttp import web
 from pydantic import ValidationError
 
-from agent.runtime.types import (
+from agent.errors import (
     ChatNotSupported,
     ModelLoadFailed,
+    PolicyError,
     PromptTooLong,
     QueueFull,
     Stopping,
+    TaskNotSupported,
+    TokenError,
 )
 from registry.errors import ModelInUse, ModelNotFound, RegistryError
 
@@ -76,6 +80,8 @@ def to_api_error(exc: BaseException) -> APIError | None:
             return APIError(400, str(exc), code="context_length_exceeded", param="messages")
         case ChatNotSupported():
             return APIError(400, str(exc), code="chat_not_supported", param="model")
+        case TaskNotSupported():
+            return APIError(400, str(exc), code="unsupported_task", param="model")
         case QueueFull():
             return APIError(
                 429,
@@ -88,6 +94,10 @@ def to_api_error(exc: BaseException) -> APIError | None:
             return APIError(503, str(exc), type="server_error", code="model_load_failed")
         case Stopping():
             return APIError(503, str(exc), type="server_error", code="stopping")
+        case TokenError():
+            return APIError(401, str(exc), type="authentication_error", code="invalid_token")
+        case PolicyError():
+            return APIError(400, str(exc), code="invalid_policy")
         case ModelInUse():
             return APIError(409, str(exc), code="model_in_use")
         case RegistryError():

@@ -24,7 +24,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    state.metrics.loaded_models.set(len(state.manager.loaded()))
+    state.metrics.loaded_models.set(len(state.scheduler.loaded()))
     return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 

@@ -8,12 +8,13 @@ import re
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.access import MODEL, USAGE
+from agent.api.access import MODEL, USAGE
 from agent.api.errors import APIError, to_api_error
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
@@ -214,7 +215,7 @@ async def _serve(
     request[MODEL] = gen.model  # for the audit record
     if state.settings.logging.log_content:  # off by default: prompts are private
         log.info("content: %s prompt %r", gen.model, gen.messages or gen.prompt)
-    stream = state.manager.generate(gen)
+    stream = state.scheduler.generate(gen)
     try:
         # Pull the first chunk before answering, so 404/400/429/503 get a proper status.
         first = await anext(stream)
@@ -225,23 +226,30 @@ async def _serve(
         raise
     rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
     created = int(time.time())
+    reply = _Reply(request, req, stream, first, rid, created, chat)
     try:
-        if req.stream:
-            return await _stream(request, req, stream, first, rid, created, chat)
-        return await _collect(request, req, stream, first, rid, created, chat)
+        return await (_stream(reply) if req.stream else _collect(reply))
     finally:
         await stream.aclose()  # stops generation if the client went away
 
 
-async def _collect(
-    request: web.Request,
-    req: _CommonRequest,
-    stream: AsyncIterator[Chunk],
-    first: Chunk,
-    rid: str,
-    created: int,
-    chat: bool,
-) -> web.Response:
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    """One response in the making: the request, its chunk stream and the ids it carries."""
+
+    request: web.Request
+    req: _CommonRequest
+    stream: AsyncIterator[Chunk]
+    first: Chunk  # pulled before answering, so errors get a proper status
+    rid: str
+    created: int
+    chat: bool
+
+
+async def _collect(reply: _Reply) -> web.Response:
+    request, req, stream, first, rid, created, chat = (
+        reply.request, reply.req, reply.stream, reply.first, reply.rid, reply.created, reply.chat
+    )
     usage = _Usage()
     parts: list[str] = []
     finish: str | None = None
@@ -278,15 +286,10 @@ async def _collect(
     )
 
 
-async def _stream(
-    request: web.Request,
-    req: _CommonRequest,
-    stream: AsyncIterator[Chunk],
-    first: Chunk,
-    rid: str,
-    created: int,
-    chat: bool,
-) -> web.StreamResponse:
+async def _stream(reply: _Reply) -> web.StreamResponse:
+    request, req, stream, first, rid, created, chat = (
+        reply.request, reply.req, reply.stream, reply.first, reply.rid, reply.created, reply.chat
+    )
     resp = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",

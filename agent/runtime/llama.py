@@ -1,8 +1,9 @@
 """The GGUF backend: one llama.cpp model and context, prompt formatting and token streaming.
 
 `llama_cpp` is imported inside functions so an agent with nothing loaded stays small and
-starts fast. A `LlamaBackend` is not thread-safe: the lifecycle runs one `generate` at a
-time per backend, in a worker thread, and passes a `threading.Event` to stop it.
+starts fast. A `LlamaBackend` implements `agent.runtime.backend.Backend`; it is not
+thread-safe: the scheduler runs one call at a time per backend, always in the model's own
+thread, and passes a `threading.Event` to stop a generation.
 """
 
 from __future__ import annotations
@@ -15,17 +16,11 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+from agent.errors import ChatNotSupported, ModelLoadFailed, PromptTooLong, TaskNotSupported
 from agent.metrics import Metrics
 from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
-from agent.runtime.types import (
-    ChatNotSupported,
-    Chunk,
-    GenerationRequest,
-    ModelLoadFailed,
-    PromptTooLong,
-    ResolvedModel,
-    Sampling,
-)
+from agent.runtime.types import Chunk, GenerationRequest, ResolvedModel, Sampling
+from agent.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +156,21 @@ class LlamaBackend:
             )
         return self._chat(request.messages)
 
-    def tokenize(self, formatted: FormattedPrompt) -> list[int]:
+    def tokenize(self, text: str) -> list[int]:
+        """Tokens of `text` as a raw prompt (special tokens parsed, BOS as the model wants)."""
+        return self.prompt_tokens(FormattedPrompt(text, source="raw"))
+
+    def embed(self, texts: Sequence[str]) -> list[list[float]]:
+        raise TaskNotSupported(
+            f"model {self.alias} is loaded for text generation; llama.cpp embeddings are "
+            "not enabled for it"
+        )
+
+    def memory_bytes(self) -> int:
+        return self.resolved.estimated_memory
+
+    def prompt_tokens(self, formatted: FormattedPrompt) -> list[int]:
+        """Tokens of a formatted prompt; a template that writes BOS gets no second one."""
         text = formatted.text
         # A template that writes BOS itself must not get a second one from the tokenizer.
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
@@ -177,7 +186,7 @@ class LlamaBackend:
 
         Returns without a final chunk when `cancel` is set (checked before every token)."""
         formatted = self.format_prompt(request)
-        tokens = self.tokenize(formatted)
+        tokens = self.prompt_tokens(formatted)
         s = request.sampling
         n_prompt = len(tokens)
         if n_prompt >= self.n_ctx:
@@ -287,6 +296,15 @@ class LlamaBackend:
             prompt_tokens=len(tokens),
             completion_tokens=n_out,
         )
+
+
+def open_backend(
+    resolved: ResolvedModel, settings: RuntimeSettings, metrics: Metrics | None = None
+) -> LlamaBackend:
+    """The backend registry's factory for GGUF variants (agent.runtime.backend)."""
+    return LlamaBackend.load(
+        resolved, threads=settings.threads, n_ctx=settings.context_length, metrics=metrics
+    )
 
 
 def _token_text(llm: Any, token: int) -> str:

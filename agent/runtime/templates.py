@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from agent.runtime.types import ChatMessage, ChatNotSupported
+from agent.errors import ChatNotSupported
+from agent.runtime.types import ChatMessage
 
 log = logging.getLogger(__name__)
 

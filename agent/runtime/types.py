@@ -1,11 +1,6 @@
-"""What the API hands the runtime and gets back: requests, streamed chunks, errors.
+"""What the API hands the runtime and gets back: requests, streamed chunks, loaded models.
 
-    RuntimeError_
-    ├── ModelLoadFailed      the file would not load (503)
-    ├── QueueFull            too many waiting requests for a model (429 + Retry-After)
-    ├── PromptTooLong        prompt does not fit the context window (400)
-    ├── ChatNotSupported     no chat template known for this model (400)
-    └── Stopping             the agent is shutting down (503)
+Errors: the `InferenceError` branch of `agent.errors`.
 """
 
 from __future__ import annotations
@@ -13,32 +8,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-
-class RuntimeError_(Exception):
-    """Base of runtime errors; the API maps each subclass to one HTTP status."""
-
-
-class ModelLoadFailed(RuntimeError_):
-    pass
-
-
-class QueueFull(RuntimeError_):
-    def __init__(self, message: str, retry_after: int = 1) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class PromptTooLong(RuntimeError_):
-    pass
-
-
-class ChatNotSupported(RuntimeError_):
-    pass
-
-
-class Stopping(RuntimeError_):
-    pass
 
 
 class ChatMessage(BaseModel):

@@ -1,0 +1,201 @@
+"""`edge-agent models ...`: import, list, show, rm, pull and select models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from agent.cli.common import (
+    AgentGroup,
+    Context,
+    call,
+    emit_json,
+    human_bytes,
+    json_option,
+    print_rows,
+    registry,
+    root_option,
+)
+from agent.cli.guard import guarded
+from registry.service import ImportResult, ModelInfo
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(cls=AgentGroup)
+def models() -> None:
+    """Manage the models installed on this device."""
+
+
+@models.command("import")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--alias", help="Name apps use for the model (default: from the file).")
+@click.option("--move", is_flag=True, help="Move the file into the store instead of copying.")
+@click.option(
+    "--task",
+    type=click.Choice(["chat", "completion", "embedding"]),
+    default=None,
+    help="What the model does, when the file does not say.",
+)
+@json_option
+@pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias'] or kw['path'].name}")
+def import_(
+    ctx: Context, path: Path, alias: str | None, move: bool, task: str | None, as_json: bool
+) -> None:
+    """Import a GGUF or ONNX file; its metadata is read from the file itself."""
+    from tqdm import tqdm
+    size = path.stat().st_size if path.is_file() else 0
+    with (
+        registry(ctx) as reg,
+        tqdm(
+            total=size,
+            unit="B",
+            unit_scale=True,
+            desc=f"importing {path.name}",
+            disable=as_json or None,
+            leave=False,
+        ) as bar,
+    ):
+        result = reg.import_file(
+            path,
+            alias=alias,
+            move=move,
+            progress=bar.update,
+            task=task,  # type: ignore[arg-type]
+        )
+    _print_result(result, as_json, "imported", "already present:")
+
+
+@models.command("list")
+@json_option
+@pass_ctx
+def list_(ctx: Context, as_json: bool) -> None:
+    """List installed models."""
+    with registry(ctx) as reg:
+        rows = reg.list_models()
+
+    def line(m: ModelInfo) -> str:
+        size = sum(v.file_size or 0 for v in m.variants)
+        names = ",".join(v.name for v in m.variants)
+        return (f"{m.alias:<24} {m.task:<11} {_params(m.parameter_count):>8} {names:<28} "
+                f"{human_bytes(size):>9}")
+
+    print_rows(rows, as_json, rows, line,
+               empty="no models installed (try: edge-agent models pull smollm2-135m)",
+               header=f"{'ALIAS':<24} {'TASK':<11} {'PARAMS':>8} {'VARIANTS':<28} {'SIZE':>9}")
+
+
+def _params(n: int | None) -> str:
+    if n is None:
+        return "-"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+@models.command("show")
+@click.argument("alias")
+@json_option
+@pass_ctx
+def show(ctx: Context, alias: str, as_json: bool) -> None:
+    """Show one model, its variants and its history."""
+    with registry(ctx) as reg:
+        info = reg.get(alias)
+        events = reg.events(alias)
+    if as_json:
+        data = info.model_dump(mode="json")
+        data["events"] = [e.model_dump(mode="json") for e in events]
+        emit_json(data)
+        return
+    _print_model(info)
+    click.echo("history:")
+    for e in events:
+        click.echo(f"  {e.time:%Y-%m-%d %H:%M:%S} {e.kind} {e.details}")
+
+
+def _print_model(m: ModelInfo) -> None:
+    click.echo(f"{m.alias}: {m.task} model, architecture {m.architecture or '-'}")
+    click.echo(f"  parameters {_params(m.parameter_count)}, context {m.context_length or '-'}")
+    click.echo(f"  license {m.license or '-'}, source {m.source}")
+    for v in m.variants:
+        template = "chat template" if v.has_chat_template else "no chat template"
+        click.echo(
+            f"  variant {v.name}: {v.format} {v.quantization} on {v.target}, "
+            f"{human_bytes(v.file_size)}, {template}, sha256 {v.sha256}"
+        )
+
+
+@models.command("rm")
+@click.argument("alias")
+@click.option("--force", is_flag=True, help="Remove even while a running agent uses it.")
+@pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias']}")
+def rm(ctx: Context, alias: str, force: bool) -> None:
+    """Remove a model; its files go when no other model uses them."""
+    with registry(ctx) as reg:
+        removed = reg.remove(alias, force=force)
+    click.echo(f"removed {alias} ({len(removed)} file(s) deleted)")
+
+
+@models.command("pull")
+@click.argument("alias")
+@json_option
+@pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias']}")
+def pull(ctx: Context, alias: str, as_json: bool) -> None:
+    """Install a catalog model from a source available on this device."""
+    from tqdm import tqdm  # CLI-only: the daemon does not import it
+
+    with registry(ctx) as reg, tqdm(unit="B", unit_scale=True, desc=f"verifying {alias}",
+                                    disable=as_json or None, leave=False) as bar:
+        result = reg.pull(alias, progress=bar.update)
+    _print_result(result, as_json, "installed", "already installed:")
+
+
+def _print_result(result: ImportResult, as_json: bool, created: str, present: str) -> None:
+    if as_json:
+        emit_json(result)
+        return
+    verb = created if result.created else present
+    click.echo(f"{verb} {result.model.alias} ({result.variant}, sha256 {result.sha256[:12]})")
+
+
+@models.command("select")
+@click.argument("alias")
+@click.option("--explain", is_flag=True, help="List every candidate with its verdict.")
+@root_option("Judge against the hardware captured under this directory instead of this device.")
+@json_option
+@pass_ctx
+def select(ctx: Context, alias: str, explain: bool, root: Path | None, as_json: bool) -> None:
+    """Choose the best variant of a model for this device, and say why."""
+    from agent.runtime.resolver import ModelResolver
+
+    with registry(ctx) as reg:
+        sel = ModelResolver(ctx.settings, reg, root).selection(alias)
+    if as_json:
+        emit_json(sel)
+        return
+    click.echo(f"{alias}: {sel.chosen.name} ({sel.chosen.quantization} on {sel.chosen.target})")
+    if explain:
+        for c in sel.candidates:
+            click.echo(f"  {c.variant.name:<32} {c.label:<10} {'; '.join(c.reasons)}")
+
+
+@models.command("load")
+@click.argument("alias")
+@click.option("--keep-alive", default=None, help="Seconds or '5m'; negative: forever.")
+@pass_ctx
+def load(ctx: Context, alias: str, keep_alive: str | None) -> None:
+    """Load a model in the running agent now."""
+    body = {"keep_alive": keep_alive} if keep_alive is not None else {}
+    m = call(ctx, "POST", f"/agent/v1/models/{alias}/load", body)
+    click.echo(f"loaded {m['alias']} ({m['variant']}, {human_bytes(m['memory_bytes'])})")
+
+
+@models.command("unload")
+@click.argument("alias")
+@pass_ctx
+def unload(ctx: Context, alias: str) -> None:
+    """Unload a model from the running agent."""
+    r = call(ctx, "POST", f"/agent/v1/models/{alias}/unload", {})
+    click.echo(f"unloaded {alias}" if r["unloaded"] else f"{alias} was not loaded")

@@ -1,0 +1,144 @@
+"""What this device runs for an alias, and why: hardware profile × selection policy × the
+registry's variants, plus the one memory budget that selection and residency share.
+
+The selection policy the device applies is the policy file with the agent's own memory
+setting folded in (`effective_policy`): the file may lower the budget, never raise it. The
+hardware profile is detected once; the runtime probe (which imports llama.cpp and ONNX
+Runtime) is deferred to the first selection, so an idle daemon never pays for it.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.runtime.types import ResolvedModel
+from agent.settings import RuntimeSettings, Settings
+from registry.service import Registry
+
+if TYPE_CHECKING:  # selection's models cost ~3 MB: the daemon loads them on first use
+    from registry.profile import HardwareProfile
+    from registry.selection import Selection, SelectionPolicy
+    from registry.selection_index import VariantIndex
+    from registry.types import VariantSpec
+
+
+def effective_policy(policy: SelectionPolicy, runtime: RuntimeSettings) -> SelectionPolicy:
+    """`policy` with the agent's memory setting and context window applied.
+
+    The budget is `runtime.memory_fraction` of RAM (or `runtime.memory_budget_bytes`); the
+    policy's `memory.fraction` and `memory.max_bytes` can only lower it. The context is
+    what the runtime sizes the KV cache for."""
+    mem = policy.memory
+    fraction = min(mem.fraction, runtime.memory_fraction)
+    cap = runtime.memory_budget_bytes
+    if mem.max_bytes is not None:
+        cap = mem.max_bytes if cap is None else min(cap, mem.max_bytes)
+    memory = mem.model_copy(update={"fraction": fraction, "max_bytes": cap})
+    return policy.model_copy(
+        update={"memory": memory, "context_length": runtime.context_length}
+    )
+
+
+def load_selection_policy(settings: Settings) -> SelectionPolicy:
+    """The selection policy this device applies (file from settings, else the packaged one)."""
+    from registry.selection import load_policy
+
+    return effective_policy(load_policy(settings.selection.policy_file), settings.runtime)
+
+
+class ModelResolver:
+    """Answers "which file do I load for this alias, and why" on this device (or on the
+    hardware captured under `root`)."""
+
+    def __init__(self, settings: Settings, registry: Registry, root: Path | None = None) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.root = root
+        self._profile: HardwareProfile | None = None
+        self._policy: SelectionPolicy | None = None
+        self._lock = threading.Lock()
+        # alias -> (the variants it was built from, their prepared index)
+        self._indexes: dict[str, tuple[tuple[VariantSpec, ...], VariantIndex]] = {}
+
+    def profile(self) -> HardwareProfile:
+        """The hardware profile, with the runtimes and the formats this agent can run."""
+        with self._lock:
+            if self._profile is None:
+                from agent.hardware import detect
+                from agent.runtime.backend import available_formats
+
+                live = self.root is None
+                profile = detect(self.root or Path("/"), probe_runtimes=live)
+                if live:  # a captured tree says nothing about this agent's backends
+                    runtimes = profile.runtimes.model_copy(
+                        update={"backends": available_formats()}
+                    )
+                    profile = profile.model_copy(update={"runtimes": runtimes})
+                self._profile = profile
+            return self._profile
+
+    def policy(self) -> SelectionPolicy:
+        with self._lock:
+            if self._policy is None:
+                self._policy = load_selection_policy(self.settings)
+            return self._policy
+
+    def memory_budget(self, total_memory: int) -> int:
+        """Bytes loaded models may use in total: the same budget selection judges by
+        (system RAM, CPU target), computed from `total_memory` without a hardware probe."""
+        from registry.profile import CpuInfo, HardwareProfile, MemoryInfo
+        from registry.selection import memory_budget
+
+        ram_only = HardwareProfile(
+            cpu=CpuInfo(arch="unknown", cores_physical=0, cores_logical=0),
+            memory=MemoryInfo(total_bytes=total_memory, available_bytes=0),
+        )
+        return memory_budget(ram_only, self.policy(), "cpu")
+
+    def selection(self, alias: str) -> Selection:
+        """Selection among this device's installed variants plus the catalog's."""
+        from registry.catalog import load_catalog
+
+        installed = self.registry.variant_specs(alias)
+        names = {v.name for v in installed}
+        entry = load_catalog().find(alias)
+        extra = [s for s in entry.specs() if s.name not in names] if entry else []
+        return self._index(alias, [*installed, *extra]).select(
+            self.profile(), self.policy(), model_alias=alias
+        )
+
+    def _index(self, alias: str, variants: list[VariantSpec]) -> VariantIndex:
+        """The prepared index of `variants`, rebuilt only when they change."""
+        from registry.selection_index import VariantIndex
+
+        key = tuple(variants)
+        with self._lock:
+            cached = self._indexes.get(alias)
+            if cached is None or cached[0] != key:
+                cached = self._indexes[alias] = (key, VariantIndex(key))
+            return cached[1]
+
+    def resolve(self, alias: str) -> ResolvedModel:
+        """The installed variant to load for `alias` (ModelNotFound if not installed)."""
+        info, installed, templates = self.registry.installed(alias)
+        sel = self._index(f"installed:{alias}", installed).select(
+            self.profile(), self.policy(), model_alias=alias
+        )
+        chosen = sel.chosen
+        assert chosen.sha256 is not None  # installed variants always have their blob
+        return ResolvedModel(
+            alias=alias,
+            variant=chosen.name,
+            format=chosen.format,
+            quantization=chosen.quantization,
+            target=chosen.target,
+            sha256=chosen.sha256,
+            path=str(self.registry.store.path(chosen.sha256)),
+            task=info.task,
+            architecture=info.architecture,
+            chat_template=templates.get(chosen.name),
+            context_length=info.context_length,
+            estimated_memory=sel.estimated_memory,
+        )

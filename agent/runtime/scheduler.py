@@ -1,0 +1,246 @@
+"""Admission and execution: the per-model queue (429 beyond it), one call at a time per
+model in its own thread, cancellation, and the close protocol. The API's entry point.
+
+Every model runs one generation at a time (a llama.cpp context is not thread-safe) in its
+resident thread; other requests for it wait in a bounded FIFO queue, while different
+models run concurrently. `Residency` decides what is loaded; this module decides who runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+import threading
+import time
+from collections.abc import AsyncGenerator, Callable
+from typing import Any
+
+from agent.errors import QueueFull, Stopping
+from agent.metrics import Metrics
+from agent.runtime.backend import Backend, Loader, load_backend
+from agent.runtime.residency import Lane, Lease, Residency, Resident
+from agent.runtime.types import Chunk, GenerationRequest, LoadedModel, ResolvedModel
+from agent.settings import RuntimeSettings
+
+_DONE = object()  # the worker's end-of-stream marker
+
+
+class Scheduler:
+    """Loads (through `Residency`), admits and runs requests for the API."""
+
+    def __init__(
+        self,
+        settings: RuntimeSettings,
+        resolve: Callable[[str], ResolvedModel],
+        metrics: Metrics,
+        *,
+        budget: int | Callable[[], int],
+        lease: Lease | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        loader: Loader | None = None,
+    ) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._admitted: dict[str, int] = {}  # requests per alias not yet finished
+        self.residency = Residency(
+            loader or functools.partial(load_backend, settings=settings, metrics=metrics),
+            resolve,
+            metrics,
+            budget=budget,
+            max_loaded=settings.max_loaded_models,
+            default_keep_alive=settings.keep_alive_seconds,
+            pending=self.queue_depth,
+            lease=lease,
+            clock=clock,
+        )
+        self._closed: asyncio.Event | None = None
+
+    @property
+    def budget(self) -> int:
+        return self.residency.budget()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start the keep-alive task."""
+        self.residency.start()
+
+    async def close(self, grace: float = 0) -> None:
+        """Refuse new requests, give running ones `grace` seconds, stop the rest, unload all."""
+        if self._closed is not None:
+            await self._closed.wait()
+            return
+        self._closed = asyncio.Event()
+        res = self.residency
+        res.closing = True
+        try:
+            await res.stop_ticker()
+            deadline = time.monotonic() + grace
+            while any(r.lane.serving() for r in res.residents()):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                await res.wait_activity(left)
+            for r in res.residents():
+                if r.lane.cancel is not None:
+                    r.lane.cancel.set()
+            await res.close_all()
+        finally:
+            self._closed.set()
+
+    # -- reading -----------------------------------------------------------------------
+
+    def loaded(self) -> list[LoadedModel]:
+        return [self.residency.describe(r, self.queue_depth(r.alias))
+                for r in self.residency.residents()]
+
+    def queue_depth(self, alias: str) -> int:
+        """Requests for `alias` waiting or running (as the queue-depth gauge counts them)."""
+        return self._admitted.get(alias, 0)
+
+    # -- control -----------------------------------------------------------------------
+
+    async def load(self, alias: str, keep_alive: float | None = None) -> LoadedModel:
+        """Load `alias` now (if it is not loaded) and set its keep-alive (None: default)."""
+        self.residency.check_open()
+        self._admit(alias, limit=False)
+        try:
+            r = await self.residency.ensure(alias, keep_alive)
+            r.last_used = self.residency.clock()
+            return self.residency.describe(r, self.queue_depth(alias))
+        finally:
+            self._release(alias)
+
+    async def unload(self, alias: str) -> bool:
+        """Unload `alias` once its requests are done; False if it was not loaded."""
+        return await self.residency.unload(alias)
+
+    async def expire_idle(self) -> list[str]:
+        return await self.residency.expire_idle()
+
+    # -- requests ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[Chunk, None]:
+        """Stream `request`'s chunks, loading the model first if needed.
+
+        Raises QueueFull, ModelLoadFailed, Stopping (and the registry's ModelNotFound)
+        before the first chunk. Closing the iterator early stops the generation."""
+        res = self.residency
+        res.check_open()
+        alias = request.model
+        started = time.perf_counter()
+        self._admit(alias, limit=True)
+        r: Resident | None = None
+        cancel = threading.Event()
+        worker: asyncio.Future[None] | None = None
+        try:
+            r = await res.ensure(alias, request.keep_alive)
+            lane = r.lane
+            lane.users += 1
+            await lane.lock.acquire()
+            try:
+                res.check_open()
+                loop = asyncio.get_running_loop()
+                queue: asyncio.Queue[Any] = asyncio.Queue()
+                worker = loop.run_in_executor(
+                    r.executor, _work, r.backend, request, cancel, loop, queue
+                )
+                lane.worker, lane.cancel = worker, cancel
+            finally:
+                if worker is None:
+                    lane.lock.release()
+                else:
+                    # The lane is free when the thread is done, whatever the consumer does.
+                    worker.add_done_callback(functools.partial(self._worker_done, lane))
+            first = True
+            while True:
+                item = await queue.get()
+                if item is _DONE:
+                    break
+                if isinstance(item, BaseException):
+                    raise item
+                if first:
+                    first = False
+                    self._metrics.ttft.labels(model=alias).observe(time.perf_counter() - started)
+                yield item
+                if item.finish_reason is not None:
+                    break
+            if worker is not None and cancel.is_set():
+                raise Stopping("the agent is shutting down")
+        finally:
+            cancel.set()  # no-op when the generation finished; stops it otherwise
+            interrupted = False
+            if worker is not None and not worker.done():
+                # Wait (within a token step) so the lane is free when the caller moves on;
+                # if cancelled meanwhile, the done-callback still frees it.
+                try:
+                    await asyncio.shield(worker)
+                except asyncio.CancelledError:
+                    interrupted = True
+            if r is not None:
+                r.lane.users -= 1
+                r.last_used = res.clock()
+            self._release(alias)
+            res.notify()
+            if interrupted:
+                raise asyncio.CancelledError
+            if r is not None and r.keep_alive == 0 and not res.closing:
+                # keep_alive 0: unloaded before the caller's loop ends (Ollama's semantics).
+                await res.unload_if_idle(r)
+
+    def _admit(self, alias: str, *, limit: bool) -> None:
+        n = self._admitted.get(alias, 0)
+        if limit and n > self._settings.queue_size:  # one running + queue_size waiting
+            raise QueueFull(
+                f"model {alias} has {n} requests in progress and its queue is full "
+                f"(queue_size {self._settings.queue_size}); retry later",
+                retry_after=max(1, math.ceil(n / 2)),
+            )
+        self._admitted[alias] = n + 1
+        self._metrics.queue_depth.labels(model=alias).set(n + 1)
+
+    def _release(self, alias: str) -> None:
+        n = self._admitted.get(alias, 1) - 1
+        if n:
+            self._admitted[alias] = n
+        else:
+            self._admitted.pop(alias, None)
+        self._metrics.queue_depth.labels(model=alias).set(n)
+
+    def _worker_done(self, lane: Lane, _worker: asyncio.Future[None]) -> None:
+        lane.lock.release()
+        self.residency.notify()
+
+
+def _work(
+    backend: Backend,
+    request: GenerationRequest,
+    cancel: threading.Event,
+    loop: asyncio.AbstractEventLoop,
+    queue: asyncio.Queue[Any],
+) -> None:
+    """Run the backend's generator in the model's thread, handing chunks to the loop."""
+
+    def put(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            cancel.set()
+
+    try:
+        chunks = backend.generate(request, cancel)
+        try:
+            for chunk in chunks:
+                put(chunk)
+                if cancel.is_set():
+                    break
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:  # runs the generator's cleanup now, in this thread
+                close()
+    except BaseException as exc:
+        put(exc)
+    finally:
+        put(_DONE)
+

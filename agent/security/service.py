@@ -1,0 +1,53 @@
+"""The device's access control in one object: the one holder of the policy in force, the
+identity cache, the token verifier, the audit sink, and the one policy reload that SIGHUP,
+the API and (through the API) the CLI all use.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from agent.security.audit import AuditFn
+from agent.security.authz import PolicyStore
+from agent.security.identity import IdentityCache, Subject
+from agent.security.tokens import TokenInfo
+
+log = logging.getLogger(__name__)
+
+
+class TokenVerifier(Protocol):
+    """What request authentication needs of `agent.security.tokens.TokenStore`."""
+
+    async def averify(self, token: str) -> TokenInfo: ...
+
+
+@dataclass
+class Security:
+    """What every enforcement point (API middleware, CLI guard, signal handler) consults."""
+
+    policy: PolicyStore
+    tokens: TokenVerifier | None
+    audit: AuditFn
+    identities: IdentityCache = field(default_factory=IdentityCache)
+
+    def record(self, subject: Subject | str | None, action: str, resource: str, decision: str,
+               outcome: str, details: dict[str, Any]) -> None:
+        """Audit one decision; never raises (a failing audit sink is logged)."""
+        try:
+            self.audit(subject, action, resource, decision, outcome, details)
+        except Exception:
+            log.exception("audit append failed for %s %s", action, resource)
+
+    def reload_policy(self, by: Subject | str) -> tuple[bool, str]:
+        """Re-read the policy file; an invalid one keeps the old policy in force.
+
+        Cached identities are dropped (group changes take effect with the new policy) and
+        the attempt is audited as `by` (a subject, or "signal:SIGHUP")."""
+        ok, message = self.policy.reload()
+        if ok:
+            self.identities.invalidate()
+        self.record(by, "policy:write", f"policy:{self.policy.path}", "allow",
+                    "ok" if ok else "rejected", {"message": message})
+        return ok, message

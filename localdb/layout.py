@@ -1,0 +1,35 @@
+"""Where things live in the agent's state directory; the one place these paths are computed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DB_FILE = "registry.db"  # kept from the first release: existing devices open it in place
+
+
+@dataclass(frozen=True, slots=True)
+class StateDir:
+    """The state directory (`home`) and the paths derived from it."""
+
+    home: Path
+
+    @property
+    def db(self) -> Path:
+        """The SQLite database every table lives in."""
+        return self.home / DB_FILE
+
+    @property
+    def store(self) -> Path:
+        """Content-addressed model blobs."""
+        return self.home / "store"
+
+    @property
+    def registry_lock(self) -> Path:
+        """`flock` that serialises registry changes across processes."""
+        return self.home / "registry.lock"
+
+    @property
+    def keys(self) -> Path:
+        """Device keys (0700)."""
+        return self.home / "keys"

@@ -1,0 +1,97 @@
+"""One memory budget for selection and residency; only installed backends are offered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest_models import make_tiny_gguf, make_tiny_onnx
+
+from agent.errors import ModelLoadFailed
+from agent.runtime.backend import BACKENDS, BackendSpec, available_formats, load_backend
+from agent.runtime.resolver import ModelResolver, effective_policy
+from agent.runtime.types import ResolvedModel
+from agent.settings import RuntimeSettings, load_settings
+from registry.errors import NoVariantFits
+from registry.selection import SelectionPolicy
+from registry.service import open_registry
+
+HW = Path(__file__).parent / "fixtures" / "hw"
+GB = 1_000_000_000
+
+
+@pytest.mark.parametrize(
+    ("setting", "policy", "fraction", "cap"),
+    [
+        ({}, {}, 0.75, None),  # the defaults agree
+        ({"memory_fraction": 0.5}, {"fraction": 0.75}, 0.5, None),  # setting rules
+        ({"memory_fraction": 0.9}, {"fraction": 0.6}, 0.6, None),  # the file may lower it
+        ({"memory_fraction": 0.5}, {"fraction": 1.0}, 0.5, None),  # ...never raise it
+        ({"memory_budget_bytes": GB}, {"max_bytes": 2 * GB}, 0.75, GB),
+        ({"memory_budget_bytes": GB}, {"max_bytes": GB // 2}, 0.75, GB // 2),
+        ({}, {"max_bytes": GB}, 0.75, GB),
+    ],
+)
+def test_the_policy_file_may_lower_the_budget_never_raise_it(
+    setting: dict[str, float], policy: dict[str, float], fraction: float, cap: int | None
+) -> None:
+    base = SelectionPolicy()
+    pol = base.model_copy(update={"memory": base.memory.model_copy(update=policy)})
+    eff = effective_policy(pol, RuntimeSettings(**setting))
+    assert eff.memory.fraction == fraction and eff.memory.max_bytes == cap
+
+
+@pytest.mark.parametrize("tree", ["raspberry-pi-5", "jetson-orin-nano-super-jp6",
+                                  "ryzen-ai-max-395-framework-desktop"])
+@pytest.mark.parametrize("setting", [{}, {"EDGE_AGENT_RUNTIME__MEMORY_FRACTION": "0.3"},
+                                     {"EDGE_AGENT_RUNTIME__MEMORY_BUDGET_BYTES": "600000000"}])
+def test_selection_and_residency_use_the_same_budget(
+    tmp_path: Path, tree: str, setting: dict[str, str]
+) -> None:
+    settings = load_settings(environ={"EDGE_AGENT_HOME": str(tmp_path), **setting})
+    reg = open_registry(settings.state)
+    try:
+        reg.import_file(make_tiny_gguf(tmp_path / "tiny.gguf"), alias="tiny", task="completion")
+        resolver = ModelResolver(settings, reg, root=HW / tree)
+        profile = resolver.profile()
+        assert profile.memory.total_bytes > 0
+        chosen = resolver.selection("tiny").chosen_candidate
+        assert chosen.device == "cpu"
+        # What selection judged the variant by is what residency will refuse beyond.
+        assert chosen.budget == resolver.memory_budget(profile.memory.total_bytes)
+    finally:
+        reg.close()
+
+
+def test_only_installed_backends_are_offered_and_explained(tmp_path: Path) -> None:
+    assert available_formats() == ("gguf",)  # llama.cpp is installed; no ONNX backend yet
+    settings = load_settings(environ={"EDGE_AGENT_HOME": str(tmp_path)})
+    reg = open_registry(settings.state)
+    try:
+        reg.import_file(make_tiny_onnx(tmp_path / "m.onnx"), alias="emb", task="embedding")
+        resolver = ModelResolver(settings, reg)  # the live device: backends are probed
+        assert resolver.profile().runtimes.backends == ("gguf",)
+        with pytest.raises(NoVariantFits) as err:
+            resolver.resolve("emb")
+        reasons = [r for c in err.value.candidates for r in c.reasons]
+        assert "no onnx backend in this agent (available: gguf)" in reasons
+        assert "no onnx backend in this agent" in str(err.value)
+    finally:
+        reg.close()
+
+
+def test_a_backend_that_is_not_installed_is_refused_by_name(monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    spec = BackendSpec("onnx", "onnxruntime", "agent.runtime.onnx:open_backend",
+                       ("no_such_runtime_module",))
+    assert not spec.installed()
+    monkeypatch.setitem(BACKENDS, "onnx", spec)
+    assert available_formats() == ("gguf",)
+    resolved = ResolvedModel(alias="emb", variant="onnx-int8-cpu", format="onnx",
+                             quantization="int8", target="cpu", sha256="0" * 64,
+                             path=str(tmp_path / "m.onnx"), task="embedding", estimated_memory=1)
+    with pytest.raises(ModelLoadFailed, match="needs onnxruntime, which is not installed"):
+        load_backend(resolved, RuntimeSettings())
+    monkeypatch.delitem(BACKENDS, "onnx")
+    with pytest.raises(ModelLoadFailed, match="this agent has backends for: gguf"):
+        load_backend(resolved, RuntimeSettings())
