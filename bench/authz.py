@@ -8,7 +8,7 @@ perf_counter_ns, interleaved with a same-process baseline (a dict lookup) whose 
 survives a noisy machine. Writes bench/results/authz.json.
 
 The audit append is the daemon's real one by default (`--audit log`: AuditLog behind
-app.audit_recorder, its writer thread hashing and committing batches meanwhile); an
+agent.security.audit.audit_recorder, its writer thread hashing and committing batches meanwhile); an
 in-memory list (`--audit memory`) or nothing (`--audit none`) isolate the rest. Durable
 throughput of the log itself is bench/authz_audit.py.
 
@@ -32,9 +32,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from agent.security.authz import authorize, load_policy
-from agent.security.identity import IdentityCache, token_subject
+from agent.security.identity import IdentityCache, PeerCredentials, token_subject
 from agent.security.tokens import TokenStore, default_hasher
-from agent.server import PeerCredentials
 from localdb import open_database
 
 RESULTS = Path(__file__).resolve().parent / "results" / "authz.json"
@@ -100,8 +99,7 @@ def main() -> None:
     if args.audit == "log":
         # The daemon's own path: AuditLog (hash chain, batched writer thread, SQLite)
         # behind the same adapter app.py installs.
-        from agent.app import audit_recorder
-        from agent.security.audit import AuditLog
+        from agent.security.audit import AuditLog, audit_recorder
         from agent.security.keys import load_or_create_device_key
 
         audit_log = AuditLog(db, load_or_create_device_key(tmp))

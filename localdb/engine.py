@@ -1,7 +1,8 @@
 """The SQLite engine: WAL, foreign keys, one writer in BEGIN IMMEDIATE, deferred readers.
 
 Every read and write of the local database goes through `Database.write()` and
-`Database.read()`; nothing else opens the file. Writers take the write lock up front, so
+`Database.read()` (or their Core-connection forms, or `point_read()` for single-statement
+lookups on hot paths); nothing else opens the file. Writers take the write lock up front, so
 two writers never deadlock upgrading a read lock; readers take a deferred transaction,
 which under WAL is a consistent snapshot that never waits for a writer. Migrations run at
 open when the file is not at `HEAD_REVISION` (Alembic is imported only then: ~10 MB and
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -86,6 +88,8 @@ class Database:
         self._reader = _engine(path, writer=False)
         self._write_sessions = sessionmaker(self._writer, expire_on_commit=False)
         self._read_sessions = sessionmaker(self._reader, expire_on_commit=False)
+        self._point: Any = None
+        self._point_lock = threading.Lock()
 
     @contextmanager
     def write(self) -> Iterator[Session]:
@@ -114,6 +118,18 @@ class Database:
             finally:
                 tx.rollback()
 
+    @contextmanager
+    def point_read(self) -> Iterator[Any]:
+        """The DB-API connection for single-statement reads on hot paths (a token lookup per
+        request): one reader connection kept checked out, in autocommit, so a statement is
+        its own snapshot and costs no pool checkout or BEGIN/ROLLBACK (~10 µs instead of
+        ~50-250 µs). Serialised by a lock; use `read()` for anything that needs more than
+        one statement to be consistent."""
+        with self._point_lock:
+            if self._point is None:
+                self._point = self._reader.raw_connection()
+            yield self._point.driver_connection
+
     def current_revision(self) -> str | None:
         with self.read_connection() as conn:
             try:
@@ -131,6 +147,10 @@ class Database:
             command.upgrade(cfg, revision)
 
     def close(self) -> None:
+        with self._point_lock:
+            if self._point is not None:
+                self._point.close()
+                self._point = None
         self._writer.dispose()
         self._reader.dispose()
 
