@@ -119,6 +119,60 @@ class SecuritySettings(_Section):
     )
 
 
+class SyncSettings(_Section):
+    """The fleet link over MQTT (active once the device is enrolled and a broker is set)."""
+
+    broker_host: str | None = Field(
+        default=None, description="MQTT broker host name; unset: no cloud link (offline)."
+    )
+    broker_port: int = Field(default=8883, ge=1, le=65535, description="Broker TLS port.")
+    topic_prefix: str = Field(
+        default="edge/v1",
+        pattern=r"^[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*$",
+        description="Topic prefix: messages go to <prefix>/<fleet>/<device>/<kind>.",
+    )
+    keepalive_seconds: int = Field(default=30, ge=5, le=3600, description="MQTT keep-alive.")
+    reconnect_min_seconds: float = Field(
+        default=1.0, gt=0, description="First reconnect delay (doubles, with jitter)."
+    )
+    reconnect_max_seconds: float = Field(
+        default=120.0, gt=0, description="Cap on the reconnect delay."
+    )
+    batch_records: int = Field(
+        default=500, ge=1, le=10_000, description="Records per message when flushing a class."
+    )
+    max_inflight: int = Field(
+        default=8, ge=1, le=100, description="Messages published and not yet acknowledged."
+    )
+    flush_messages_per_second: float = Field(
+        default=50.0, gt=0, description="Rate limit of the flush after a reconnect."
+    )
+    quota_telemetry_bytes: int = Field(
+        default=16 << 20, ge=4096, description="Telemetry kept offline; the oldest is dropped "
+        "past it and the count reported."
+    )
+    quota_events_bytes: int = Field(
+        default=8 << 20, ge=4096, description="Device events kept offline; oldest dropped past it."
+    )
+    alarm_audit_bytes: int = Field(
+        default=256 << 20, ge=4096, description="Unshipped audit past this raises an alarm "
+        "(audit is never dropped)."
+    )
+    alarm_deploy_bytes: int = Field(
+        default=4 << 20, ge=4096, description="Unshipped deployment status past this raises an "
+        "alarm (never dropped)."
+    )
+    heartbeat_seconds: float = Field(default=60.0, ge=1, description="Heartbeat job period.")
+    telemetry_seconds: float = Field(default=300.0, ge=1, description="Telemetry job period.")
+    flush_retry_seconds: float = Field(
+        default=10.0, ge=0.1, description="How often the flush job retries while connected."
+    )
+    gc_seconds: float = Field(default=86_400.0, ge=60, description="Blob garbage collection.")
+    misfire_grace_seconds: float = Field(
+        default=60.0, ge=1, description="A job late by more than this is skipped, not run."
+    )
+
+
 class LoggingSettings(_Section):
     """Logs go to stderr (journald under systemd)."""
 
@@ -156,6 +210,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(
         default_factory=SecuritySettings, description="Access control and audit."
     )
+    sync: SyncSettings = Field(default_factory=SyncSettings, description="Fleet link (MQTT).")
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 
     @classmethod

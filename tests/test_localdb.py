@@ -11,6 +11,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
 import agent.security.tables
+import agent.sync.tables
 import registry.tables
 from agent.security import audit as auditlog
 from agent.security import audit_verify
@@ -27,9 +28,11 @@ def test_every_owner_declares_its_tables_on_the_one_base() -> None:
     assert set(owners) == {
         "models", "variants", "artifacts", "model_events",  # registry
         "audit_records", "audit_checkpoints", "api_tokens",  # agent.security
+        "sync_outbox", "sync_state", "sync_quarantine",  # agent.sync
     }
     assert registry.tables.Model.metadata is Base.metadata
     assert agent.security.tables.AuditRecord.metadata is Base.metadata
+    assert agent.sync.tables.OutboxRecord.metadata is Base.metadata
 
 
 def test_migrations_from_empty_db_yield_exactly_the_declared_tables(tmp_path: Path) -> None:
