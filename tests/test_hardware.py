@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import filecmp
 import importlib.util
+import json
 import os
 import platform
 import sys
@@ -17,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from agent.hardware import RUNTIMES_JSON, detect, summary
-from registry.profile import HardwareProfile
+from registry.profile import HardwareProfile, NpuInfo
 
 HW = Path(__file__).parent / "fixtures" / "hw"
 # shared/ sits beside the checkout (as CI lays it out)
@@ -40,7 +41,10 @@ def write(root: Path, rel: str, data: str | bytes) -> None:
 def assert_no_cpu_facts(p: HardwareProfile) -> None:
     assert (p.cpu.arch, p.cpu.cores_logical, p.cpu.cores_physical) == ("unknown", 0, 0)
     assert p.cpu.features == ()
-    assert (p.memory.total_bytes, p.memory.available_bytes) == (0, 0)
+    # no meminfo: the RAM size is unknown, not 0 bytes (it was (0, 0) before memory
+    # could say "unknown")
+    assert (p.memory.total_bytes, p.memory.available_bytes) == (None, None)
+    assert not p.memory.known
 
 
 # --- Raspberry Pi 5 ----------------------------------------------------------------
@@ -129,7 +133,12 @@ def test_intel_core_ultra_npu_passthrough() -> None:
 def test_intel_meteor_lake_npu_from_dmesg_only() -> None:
     npu = tree("intel-meteor-lake-npu-linux-npu-driver-15").npu("intel-npu")
     assert npu is not None and npu.device_node == "/dev/accel/accel0"
-    assert npu.name == "Intel NPU"  # no PCI device ID in the capture
+    # No PCI device ID in the capture, but the driver's own line names the firmware it
+    # loaded (intel/vpu/vpu_37xx_v0.0.bin): the generation is 37xx. (This was "Intel NPU"
+    # while the generation came only from the PCI ID table.)
+    assert npu.name == "Intel NPU 37xx (Meteor Lake / Arrow Lake)"
+    assert npu.generation == "37xx" and npu.pci_address == "0000:00:0b.0"
+    assert any("vpu_37xx_v0.0.bin" in e for e in npu.evidence)
 
 
 def test_intel_arrow_lake_npu() -> None:
@@ -214,7 +223,7 @@ def test_l40s_server() -> None:
     assert (p.cpu.cores_physical, p.cpu.cores_logical) == (64, 128)
     assert {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16",
             "avx_vnni", "amx_tile", "amx_int8", "amx_bf16"} <= set(p.cpu.features)
-    assert p.memory.total_bytes == 0  # no meminfo capture
+    assert p.memory.total_bytes is None  # no meminfo capture: unknown, not 0
 
 
 def test_a100_mig_server_from_xml() -> None:
@@ -314,6 +323,222 @@ def test_hailo_and_unbound_npu(tmp_path: Path) -> None:
     assert not intel.online and intel.detail and "no driver" in intel.detail
 
 
+# --- AMD APU iGPUs (public captures: LACT sysfs snapshots) --------------------------
+
+
+def test_amd_radeon_780m_is_integrated_by_its_carve_out() -> None:
+    (gpu,) = tree("amd-radeon-780m-phoenix-lact").gpus
+    assert (gpu.vendor, gpu.integrated, gpu.driver) == ("amd", True, "amdgpu")
+    assert (gpu.pci_id, gpu.pci_address) == ("1002:15bf", "0000:64:00.0")
+    assert gpu.memory_bytes == 4 * GiB  # the firmware's carve-out, not VRAM of its own
+    # 4 GiB "VRAM", all of it CPU-visible, and 29.3 GiB of GTT: the carve-out rule
+    assert gpu.confidence == "medium"
+    assert any("carve-out" in e for e in gpu.evidence)
+
+
+def test_amd_radeon_890m_is_integrated_by_its_carve_out() -> None:
+    (gpu,) = tree("amd-radeon-890m-strix-point-lact").gpus
+    assert (gpu.vendor, gpu.integrated, gpu.pci_address) == ("amd", True, "0000:c1:00.0")
+    assert gpu.memory_bytes == 512 * MiB and gpu.confidence == "medium"
+
+
+def test_amd_discrete_card_stays_discrete() -> None:
+    (gpu,) = tree("amd-radeon-rx-6900-xt-lact").gpus
+    assert (gpu.vendor, gpu.integrated, gpu.pci_id) == ("amd", False, "1002:73bf")
+    assert gpu.memory_bytes == 17163091968 and gpu.confidence == "high"
+    assert any("mem_info_vram_vendor: samsung" in e for e in gpu.evidence)
+
+
+def _amd_gpu(root: Path, addr: str, device: str, **attrs: str) -> None:
+    base = f"sys/bus/pci/devices/{addr}"
+    for name, value in {"vendor": "0x1002", "device": device, "class": "0x030000",
+                        "driver": "amdgpu", **attrs}.items():
+        write(root, f"{base}/{name}", value + "\n")
+
+
+def test_amd_gpu_on_a_bus_with_soc_functions_is_integrated(tmp_path: Path) -> None:
+    # An APU's iGPU shares its PCI bus with SoC functions of AMD's CPU vendor ID 0x1022
+    # (PSP/crypto, USB, audio coprocessor); a discrete card's bus holds only its own.
+    _amd_gpu(tmp_path, "0000:c4:00.0", "0x15bf")
+    write(tmp_path, "sys/bus/pci/devices/0000:c4:00.2/vendor", "0x1022\n")
+    write(tmp_path, "sys/bus/pci/devices/0000:c4:00.2/class", "0x108000\n")
+    _amd_gpu(tmp_path, "0000:03:00.0", "0x7480", mem_info_vram_total=str(8 * GiB))
+    write(tmp_path, "proc/cpuinfo", "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+          "model name\t: AMD Ryzen 7 7840HS w/ Radeon 780M Graphics\n\n")
+    p = detect(tmp_path, probe_runtimes=False)
+    igpu, dgpu = sorted(p.gpus, key=lambda g: g.integrated, reverse=True)
+    assert igpu.integrated and igpu.confidence == "high"
+    assert igpu.name == "AMD Radeon 780M Graphics (1002:15bf)"
+    assert "0000:c4:00.2" in igpu.evidence[1]
+    assert not dgpu.integrated and dgpu.memory_bytes == 8 * GiB
+
+
+def test_amd_gpu_named_only_by_the_cpu_is_integrated_with_low_confidence(tmp_path: Path) -> None:
+    _amd_gpu(tmp_path, "0000:04:00.0", "0x163f")
+    write(tmp_path, "proc/cpuinfo", "processor\t: 0\nvendor_id\t: AuthenticAMD\n"
+          "model name\t: AMD Custom APU 0405 w/ Radeon Graphics\n\n")
+    (gpu,) = detect(tmp_path, probe_runtimes=False).gpus
+    assert gpu.integrated and gpu.confidence == "low"
+    _amd_gpu(tmp_path, "0000:04:00.0", "0x163f", mem_info_vram_vendor="hynix")
+    (gpu,) = detect(tmp_path, probe_runtimes=False).gpus
+    assert not gpu.integrated  # a sign of a discrete card wins over the CPU's name
+
+
+# --- SoC GPUs off PCI ----------------------------------------------------------------
+
+
+def test_mali_known_by_devfreq_and_kbase_attribute() -> None:
+    p = tree("rk3588-radxa-rock-5b-sbcbench-4qJr")
+    (gpu,) = p.gpus
+    assert (gpu.vendor, gpu.integrated, gpu.pci_address) == ("arm", True, None)
+    assert gpu.name == "Arm Mali GPU (fb000000.gpu)" and gpu.confidence == "medium"
+    assert any(e.startswith("sys/class/devfreq/fb000000.gpu") for e in gpu.evidence)
+
+
+def test_mali_with_its_driver_bound() -> None:
+    (gpu,) = tree("rk3588-orangepi-5-max").gpus
+    assert (gpu.vendor, gpu.driver, gpu.integrated, gpu.confidence) == (
+        "arm", "mali", True, "high")
+
+
+def test_adreno_known_by_devfreq_on_a_qualcomm_soc() -> None:
+    for slug in ("qualcomm-qcs6490-radxa-dragon-q6a-sbcbench-KBw_", "snapdragon-x-elite-devkit"):
+        (gpu,) = tree(slug).gpus  # the UFS controller's devfreq node is not a GPU
+        assert (gpu.vendor, gpu.integrated) == ("qualcomm", True), slug
+        assert gpu.name == "Qualcomm Adreno GPU (3d00000.gpu)" and gpu.confidence == "medium"
+
+
+def test_gpu_known_only_from_its_loaded_module() -> None:
+    (gpu,) = tree("rk3588-radxa-rock-5b-void-panthor-module").gpus
+    assert (gpu.vendor, gpu.driver, gpu.integrated) == ("arm", "panthor", True)
+    assert gpu.confidence == "low" and "sys/module/panthor/refcnt" in gpu.evidence[0]
+
+
+def test_platform_gpu_seen_several_ways_is_one_gpu(tmp_path: Path) -> None:
+    dev = "sys/bus/platform/devices/fb000000.gpu"
+    write(tmp_path, f"{dev}/driver", "panthor\n")
+    write(tmp_path, f"{dev}/of_node/compatible",
+          b"rockchip,rk3588-mali\x00arm,mali-valhall-csf\x00")
+    write(tmp_path, "sys/class/drm/card0/device", "fb000000.gpu\n")
+    write(tmp_path, "sys/class/devfreq/fb000000.gpu/governor", "simple_ondemand\n")
+    write(tmp_path, "sys/module/panthor/initstate", "live\n")
+    (gpu,) = detect(tmp_path, probe_runtimes=False).gpus
+    assert (gpu.vendor, gpu.driver, gpu.confidence) == ("arm", "panthor", "high")
+    assert gpu.name == "Arm Mali GPU (arm,mali-valhall-csf)"
+
+
+def test_adreno_by_compatible_without_a_driver(tmp_path: Path) -> None:
+    write(tmp_path, "sys/bus/platform/devices/3d00000.gpu/modalias",
+          "of:NgpuT(null)Cqcom,adreno-635.0Cqcom,adreno\n")
+    (gpu,) = detect(tmp_path, probe_runtimes=False).gpus
+    assert (gpu.vendor, gpu.driver, gpu.confidence) == ("qualcomm", None, "medium")
+
+
+def test_pci_gpu_driver_module_without_a_pci_list(tmp_path: Path) -> None:
+    write(tmp_path, "proc/modules", "amdgpu 15044608 0 - Live 0x0000000000000000\n")
+    (gpu,) = detect(tmp_path, probe_runtimes=False).gpus
+    assert (gpu.vendor, gpu.integrated, gpu.confidence) == ("amd", False, "low")
+    assert gpu.evidence[0].startswith("proc/modules: the amdgpu module is loaded")
+
+
+def test_builtin_gpu_driver_is_not_a_loaded_module(tmp_path: Path) -> None:
+    # built-in code with parameters shows in sys/module without initstate or refcnt
+    (tmp_path / "sys/module/panfrost/parameters").mkdir(parents=True)
+    assert detect(tmp_path, probe_runtimes=False).gpus == ()
+
+
+def test_jetson_gpu_devfreq_is_not_a_second_gpu(tmp_path: Path) -> None:
+    write(tmp_path, "proc/device-tree/compatible", b"nvidia,p3768-0000\x00nvidia,tegra234\x00")
+    write(tmp_path, "sys/class/devfreq/17000000.gpu/governor", "nvhost_podgov\n")
+    (gpu,) = detect(tmp_path, probe_runtimes=False).gpus
+    assert gpu.vendor == "nvidia" and gpu.integrated
+
+
+# --- NPUs: devfreq only, generation from firmware ------------------------------------
+
+
+def test_npu_known_only_through_devfreq_is_present_with_state_unknown() -> None:
+    p = tree("rk3588-radxa-rock-5b-sbcbench-4qJr")
+    (npu,) = p.npus
+    assert (npu.kind, npu.state, npu.online) == ("rockchip-rknpu", "unknown", False)
+    assert npu.detail is not None and "devfreq node fdab0000.npu" in npu.detail
+    assert "no driver bound" not in npu.detail  # it is not reported offline
+    assert npu.confidence == "medium"
+    assert any("rknpu_ondemand" in e for e in npu.evidence)
+    assert p.npu("rockchip-rknpu") is None  # not offered to selection
+    assert "state unknown" in summary(p)
+
+
+def test_npu_of_another_kind_known_by_devfreq(tmp_path: Path) -> None:
+    write(tmp_path, "proc/device-tree/compatible", b"allwinner,sun60iw2\x00")
+    write(tmp_path, "sys/class/devfreq/3600000.npu/governor", "performance\n")
+    (npu,) = detect(tmp_path, probe_runtimes=False).npus
+    assert (npu.kind, npu.state, npu.confidence) == ("other", "unknown", "low")
+
+
+def test_intel_npu_generation_from_the_firmware_it_loaded() -> None:
+    npu = tree("intel-core-ultra-7-255hx-arrow-lake-npu").npu("intel-npu")
+    assert npu is not None and npu.generation == "37xx"  # no device ID: the firmware says
+    vm = tree("intel-core-ultra-9-185h-npu-passthrough-vm").npu("intel-npu")
+    assert vm is not None and (vm.generation, vm.name) == ("37xx", "Intel NPU (Meteor Lake)")
+
+
+def test_npu_generation_from_installed_firmware_only_when_unambiguous(tmp_path: Path) -> None:
+    write(tmp_path, "sys/bus/pci/devices/0000:00:0b.0/driver", "intel_vpu\n")
+    write(tmp_path, "dev/accel/accel0", b"")
+    write(tmp_path, "lib/firmware/intel/vpu/vpu_40xx_v0.0.bin", b"")
+    npu = detect(tmp_path, probe_runtimes=False).npu("intel-npu")
+    assert npu is not None and npu.generation == "40xx"
+    write(tmp_path, "lib/firmware/intel/vpu/vpu_37xx_v0.0.bin", b"")  # linux-firmware: all
+    npu = detect(tmp_path, probe_runtimes=False).npu("intel-npu")
+    assert npu is not None and npu.generation is None
+
+
+def test_xdna_generation_from_its_firmware_directory(tmp_path: Path) -> None:
+    write(tmp_path, "sys/module/amdxdna/initstate", "live\n")
+    write(tmp_path, "dev/accel/accel0", b"")
+    write(tmp_path, "var/lib/edge-agent/capture/dmesg.txt",
+          "[    3.1] amdxdna 0000:c5:00.1: loaded firmware amdnpu/1502_00/npu.sbin\n")
+    npu = detect(tmp_path, probe_runtimes=False).npu("amd-xdna")
+    assert npu is not None and (npu.generation, npu.confidence) == ("XDNA", "low")
+
+
+def test_npu_state_and_online_agree() -> None:
+    assert NpuInfo(kind="other", name="x", state="unknown").online is False
+    assert NpuInfo(kind="hailo", name="x", online=False).state == "offline"
+    assert NpuInfo(kind="hailo", name="x").state == "online"
+    with pytest.raises(ValueError, match="contradicts"):
+        NpuInfo(kind="hailo", name="x", online=True, state="offline")
+
+
+# --- evidence in device info ---------------------------------------------------------
+
+
+def test_evidence_confidence_and_pci_address_are_in_the_json() -> None:
+    data = json.loads(tree("x86-xeon-8562y-l40s-server").model_dump_json())
+    gpu = data["gpus"][0]
+    assert gpu["pci_address"] == "0000:4a:00.0" and gpu["confidence"] == "high"
+    assert gpu["evidence"][0].startswith("proc/driver/nvidia/gpus/0000:4a:00.0/information")
+    npu = json.loads(tree("amd-ryzen-ai-350-framework13-xdna2").model_dump_json())["npus"][0]
+    assert (npu["pci_address"], npu["generation"], npu["state"]) == (
+        "0000:c2:00.1", "XDNA 2", "online")
+    assert data["memory"] == {"total_bytes": None, "available_bytes": None}
+
+
+def test_device_info_prints_evidence(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from agent.cli import main
+
+    slug = HW / "amd-radeon-780m-phoenix-lact"
+    out = CliRunner().invoke(main, ["device", "info", "--root", str(slug)])
+    assert out.exit_code == 0, out.output
+    assert "medium confidence: sys/bus/pci/devices/0000:64:00.0" in out.output
+    assert "Memory:      unknown" in out.output
+    out = CliRunner().invoke(main, ["device", "info", "--root", str(slug), "--json"])
+    assert json.loads(out.output)["gpus"][0]["pci_address"] == "0000:64:00.0"
+
+
 # --- live system, empty and junk trees ---------------------------------------------
 
 
@@ -354,7 +579,7 @@ def test_junk_files_do_not_crash(tmp_path: Path) -> None:
     (tmp_path / "sys/bus/pci/devices/not-an-address").mkdir()
     (tmp_path / "proc/driver/nvidia/gpus/0000:01:00.0/information").mkdir(parents=True)
     p = detect(tmp_path)
-    assert p.cpu.cores_logical == 0 and p.memory.total_bytes == 0
+    assert p.cpu.cores_logical == 0 and p.memory.total_bytes is None
     assert summary(p)
 
 
@@ -363,7 +588,7 @@ def test_half_valid_lines_are_skipped(tmp_path: Path) -> None:
     write(tmp_path, "proc/cpuinfo", "processor\t: 0\nflags\t\t: avx2 lm\n\nprocessor : x\nnoise\n")
     p = detect(tmp_path, probe_runtimes=False)
     assert p.memory.total_bytes == 2048 * 1024
-    assert p.memory.available_bytes == 0  # no MemAvailable, and nothing to estimate it from
+    assert p.memory.available_bytes is None  # no MemAvailable, nothing to estimate it from
     assert (p.cpu.arch, p.cpu.cores_logical, p.cpu.features) == ("x86_64", 1, ("avx2",))
 
 
@@ -445,10 +670,23 @@ def test_fixture_trees_match_their_generator(tmp_path: Path) -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    slugs = module.build(CAPTURES, tmp_path)
+    slugs = module.build(CAPTURES, tmp_path) + module.build_public(HW / "public", tmp_path)
     assert sorted(slugs) == sorted(d.name for d in HW.iterdir() if d.is_dir()
-                                   and d.name != "__pycache__")
+                                   and d.name not in ("__pycache__", "public"))
     for slug in slugs:
+        _assert_same_tree(tmp_path / slug, HW / slug)
+
+
+def test_public_fixture_trees_match_their_generator(tmp_path: Path) -> None:
+    """The trees from public/ need no shared captures: checked everywhere."""
+    spec = importlib.util.spec_from_file_location("build_trees", HW / "build_trees.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    slugs = module.build_public(HW / "public", tmp_path)
+    sources = (HW / "public" / "SOURCES.md").read_text()
+    for slug in slugs:
+        assert f"`{slug}/`" in sources, f"{slug} has no entry in public/SOURCES.md"
         _assert_same_tree(tmp_path / slug, HW / slug)
 
 

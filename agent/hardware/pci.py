@@ -47,6 +47,15 @@ class PciDevice:
     def is_display(self) -> bool:
         return self.pci_class is not None and self.pci_class >> 16 == 0x03
 
+    def describe(self) -> str:
+        """Where it was read and what it said, as evidence: `sys/bus/pci/devices/<addr>
+        (1002:15bf class 030000; driver amdgpu)`."""
+        ids = self.pci_id or (f"vendor {self.vendor:04x}" if self.vendor is not None else None)
+        cls = f"class {self.pci_class:06x}" if self.pci_class is not None else None
+        what = " ".join(filter(None, [ids, cls])) or "no IDs captured"
+        drv = f"driver {self.driver}" if self.driver else "no driver bound"
+        return f"{self.sysfs} ({what}; {drv})"
+
 
 def pci_devices(root: DeviceRoot) -> list[PciDevice]:
     base = "sys/bus/pci/devices"
