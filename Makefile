@@ -14,7 +14,7 @@ export EDGE_AGENT_SOCKET ?= $(HOME_DIR)/agent.sock
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup run test check lint typecheck imports bench clean lock
+.PHONY: setup services run test check lint typecheck imports bench clean lock onnx-smollm2
 
 setup: $(STAMP)
 
@@ -35,7 +35,10 @@ run: setup
 	@echo "  or: $(VENV)/bin/edge-agent chat smollm2-135m 'Hello!'   (EDGE_AGENT_HOME=$(HOME_DIR) EDGE_AGENT_SOCKET=$(EDGE_AGENT_SOCKET))"
 	exec $(VENV)/bin/edge-agent serve
 
-test: setup
+services:
+	@scripts/debian-packages.sh
+
+test: setup services
 	$(VENV)/bin/pytest
 
 check: setup lint typecheck imports
@@ -53,6 +56,13 @@ bench: setup
 	$(PY) bench/selection.py
 	$(PY) bench/serve.py
 	$(PY) bench/authz.py
+	$(PY) bench/embeddings.py
+	$(PY) bench/sync.py
+
+# The onnxruntime-genai build of SmolLM2 (a second variant of smollm2-135m), made here from
+# the packaged GGUF; torch/transformers go to a throwaway venv under var/ (~3 GB).
+onnx-smollm2: setup
+	$(PY) bench/build_onnx_smollm2.py var/models/smollm2-135m-onnx-int4
 
 # Re-pin every dependency from the current environment (run after changing pyproject).
 lock:

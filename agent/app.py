@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from aiohttp import web
 
-from agent.api import agent_api, health, openai
+from agent.api import agent_api, embeddings, health, openai
 from agent.api.access import install_access
 from agent.api.errors import APIError, error_middleware, error_response
 from agent.api.routes import PUBLIC, add_routes, route_spec
 from agent.errors import SettingsError
 from agent.metrics import Metrics
+from agent.runtime.autobench import AutoBench
 from agent.runtime.resolver import ModelResolver
 from agent.runtime.scheduler import Scheduler
 from agent.security.audit import AuditLog, audit_recorder
@@ -25,8 +28,13 @@ from agent.security.service import Security
 from agent.security.tokens import TokenStore
 from agent.settings import Settings
 from agent.state import STATE, AgentState
-from localdb import open_database
-from registry.service import open_registry
+from agent.sync.outbox import Outbox, Quarantined
+from agent.sync.service import SyncParts, SyncService, file_sha256
+from localdb import Database, open_database
+from policies import packaged
+from registry.service import Registry, open_registry
+
+DEFAULT_SELECTION_POLICY = packaged("selection.yaml")
 
 log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -91,6 +99,15 @@ def create_app(settings: Settings) -> web.Application:
         configured_policy_path(settings), self_uid=daemon_uid(state_dir.home)
     )
     security = Security(policy, TokenStore(db), audit_recorder(audit))
+    sync = _sync_service(settings, db, registry, scheduler, resolver, security, metrics)
+    autobench = AutoBench(resolver, busy=scheduler.busy)
+    if settings.bench.auto:
+
+        async def bench_job() -> None:
+            await asyncio.to_thread(autobench.run_once)
+
+        sync.jobs.add("autobench", "background benchmark of unmeasured variants",
+                      settings.bench.auto_interval_seconds, bench_job)
     state = AgentState(
         settings=settings,
         db=db,
@@ -100,16 +117,79 @@ def create_app(settings: Settings) -> web.Application:
         resolver=resolver,
         security=security,
         audit=audit,
+        sync=sync,
+        autobench=autobench,
     )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
         middlewares=[metrics_middleware, error_middleware, stopping_middleware],
     )
     app[STATE] = state
-    add_routes(app, health.ROUTES + openai.ROUTES + agent_api.ROUTES)
+    add_routes(app, health.ROUTES + openai.ROUTES + embeddings.ROUTES + agent_api.ROUTES)
     install_access(app, security)
     app.cleanup_ctx.append(_lifespan(state, t0))
     return app
+
+
+def _sync_service(
+    settings: Settings,
+    db: Database,
+    registry: Registry,
+    scheduler: Scheduler,
+    resolver: ModelResolver,
+    security: Security,
+    metrics: Metrics,
+) -> SyncService:
+    """The fleet link and the jobs, wired to the parts they read (through callables: the
+    sync package imports nothing above it)."""
+    from agent.security.keys import load_or_create_tls_key, tls_key_path
+
+    if not tls_key_path(settings.home).exists():  # first start: the device gets its TLS key
+        load_or_create_tls_key(settings.home)
+
+    def models() -> list[dict[str, Any]]:
+        active = {m.alias: m.variant for m in scheduler.loaded()}
+        return [{"alias": m.alias, "task": m.task, "active": active.get(m.alias),
+                 "variants": [{"name": v.name, "format": v.format,
+                               "quantization": v.quantization, "sha256": v.sha256}
+                              for v in m.variants]} for m in registry.list_models()]
+
+    def hardware() -> dict[str, Any]:
+        p = resolver.profile()
+        return {"arch": p.cpu.arch, "cpu": p.cpu.model, "cores": p.cpu.cores_logical,
+                "memory_bytes": p.memory.total_bytes, "board": p.board,
+                "gpus": [g.name for g in p.gpus], "npus": [n.name for n in p.npus],
+                "backends": list(p.runtimes.backends or ())}
+
+    def audit(action: str, resource: str, decision: str, outcome: str,
+              details: dict[str, Any]) -> None:
+        security.record("agent:sync", action, resource, decision, outcome, details)
+
+    sync_cfg = settings.sync
+    service: SyncService | None = None
+
+    def quarantined(found: Sequence[Quarantined]) -> None:
+        if service is not None:
+            service.on_quarantine(found)
+
+    outbox = Outbox(
+        db,
+        quotas={"telemetry": sync_cfg.quota_telemetry_bytes},
+        alarms={"audit": sync_cfg.alarm_audit_bytes, "deploy": sync_cfg.alarm_deploy_bytes},
+        on_quarantine=quarantined,
+    )
+    parts = SyncParts(
+        loaded=lambda: {m.alias: m.queue_depth for m in scheduler.loaded()},
+        models=models,
+        hardware=hardware,
+        policy_hashes=lambda: {"rbac": security.policy.digest,
+                               "selection": file_sha256(settings.selection.policy_file
+                                                        or DEFAULT_SELECTION_POLICY)},
+        audit=audit,
+        gc=registry.gc,
+    )
+    service = SyncService(settings, outbox, metrics, parts)
+    return service
 
 
 def check_home(home: Path) -> None:
@@ -133,6 +213,7 @@ def _total_memory() -> int:
 def _lifespan(state: AgentState, t0: float) -> Callable[[web.Application], AsyncIterator[None]]:
     async def lifespan(app: web.Application) -> AsyncIterator[None]:
         await state.scheduler.start()
+        await state.sync.start()
         state.ready = True
         log.info("ready in %.0f ms (home %s)", (time.monotonic() - t0) * 1000, state.settings.home)
         try:
@@ -148,6 +229,8 @@ async def shutdown(state: AgentState) -> None:
     if state.closed:
         return
     state.closed = state.stopping = True
+    state.autobench.stop()  # a measurement in progress ends before the jobs are awaited
+    await state.sync.stop()
     await state.scheduler.close(state.settings.server.shutdown_grace_seconds)
     state.audit.close()  # flushes: every decision made so far is durable
     state.registry.close()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import gc
 import json
 import logging
@@ -54,6 +55,7 @@ def configure_logging(cfg: LoggingSettings) -> None:
     root.setLevel(cfg.level.upper())
     # aiohttp's access log would print every path at INFO; keep it at debug level.
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)
     logging.getLogger("agent.http").setLevel(
         logging.DEBUG if cfg.level == "debug" else logging.WARNING
     )
@@ -62,6 +64,9 @@ def configure_logging(cfg: LoggingSettings) -> None:
 def serve(settings: Settings) -> int:
     """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
     configure_logging(settings.logging)
+    # SIGUSR1 prints every thread's stack to stderr (the journal): what an operator needs to
+    # see where a stuck daemon is stuck, without a debugger on the device.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     inherited = inherited_sockets()
     socks = inherited or [
         bind_unix_socket(
@@ -103,11 +108,16 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    reloads: set[asyncio.Task[None]] = set()
+
     def on_hup() -> None:
         # systemd's notify-reload protocol: RELOADING=1 ... READY=1 once it took effect.
         # A signal carries no sender we can read: the audit record names the signal.
         notify(f"RELOADING=1\nMONOTONIC_USEC={time.monotonic_ns() // 1000}")
         app[STATE].security.reload_policy("signal:SIGHUP")  # invalid: the old one stays
+        task = loop.create_task(app[STATE].sync.reload(), name="sync-reload")
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
         notify("READY=1")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)

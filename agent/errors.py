@@ -11,6 +11,7 @@ exit codes once (agent.cli); every message is one line a person can act on.
     │   ├── ChatNotSupported   no chat template for this model           (400)
     │   ├── TaskNotSupported   the model cannot serve this route         (400)
     │   └── Stopping           the agent is shutting down                (503)
+    ├── QuantizeError          the quantizer refused or failed (`models quantize`)
     ├── SecurityError
     │   ├── PolicyError        the RBAC policy file is invalid (file:line: field: why)
     │   ├── DeviceKeyError     a key file is missing, unsafe or unreadable
@@ -48,6 +49,7 @@ __all__ = [
     "ModelLoadFailed",
     "PolicyError",
     "PromptTooLong",
+    "QuantizeError",
     "QueueFull",
     "RevokedToken",
     "SecurityError",
@@ -102,6 +104,10 @@ class TaskNotSupported(InferenceError):
 
 class Stopping(InferenceError):
     """The agent is shutting down."""
+
+
+class QuantizeError(AgentError):
+    """The quantizer refused or failed; the message says why."""
 
 
 class SecurityError(AgentError):

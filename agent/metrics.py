@@ -65,6 +65,32 @@ class Metrics:
         self.load_failures = Counter(
             "edge_agent_model_load_failures", "Model loads that failed.", ["model"], registry=r
         )
+        self.sync_connected = Gauge(
+            "edge_agent_sync_connected", "1 while the fleet link is connected.", registry=r
+        )
+        self.sync_backlog = Gauge(
+            "edge_agent_sync_backlog", "Records waiting for the controller, by class.",
+            ["cls"], registry=r,
+        )
+        self.sync_sent = Counter(
+            "edge_agent_sync_records_sent", "Records the broker acknowledged, by class.",
+            ["cls"], registry=r,
+        )
+        self.sync_dropped = Gauge(
+            "edge_agent_sync_dropped", "Records dropped over quota, not yet reported, by class.",
+            ["cls"], registry=r,
+        )
+        self.sync_alarm = Gauge(
+            "edge_agent_sync_alarm", "1 while a never-dropped class is past its alarm size.",
+            ["cls"], registry=r,
+        )
+        self.sync_quarantined = Counter(
+            "edge_agent_sync_quarantined", "Outbox records that failed their check.", registry=r
+        )
+        self.sync_failures = Counter(
+            "edge_agent_sync_link_failures", "Connections refused for good (certificate, "
+            "authorization).", registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -62,6 +62,54 @@ class ServerSettings(_Section):
         return v
 
 
+OnnxGraphOptimization = Literal["disable", "basic", "extended", "all"]
+
+# Execution providers in the order the ONNX backend tries them (the first the variant asks
+# for comes first, then these, then the CPU): accelerators before the CPU, vendor-specific
+# before generic. Only providers onnxruntime.get_available_providers() lists are tried.
+DEFAULT_ONNX_PROVIDERS = (
+    "TensorrtExecutionProvider",
+    "CUDAExecutionProvider",
+    "MIGraphXExecutionProvider",
+    "ROCMExecutionProvider",
+    "QNNExecutionProvider",
+    "OpenVINOExecutionProvider",
+    "CoreMLExecutionProvider",
+    "DmlExecutionProvider",
+    "CPUExecutionProvider",
+)
+
+
+class OnnxSettings(_Section):
+    """The ONNX Runtime backend (ONNX variants: embeddings and onnxruntime-genai models)."""
+
+    providers: tuple[str, ...] = Field(
+        default=DEFAULT_ONNX_PROVIDERS,
+        min_length=1,
+        description="Execution providers in priority order; the one selection chose is tried "
+        "first, then these, skipping any onnxruntime does not list; CPU is always last.",
+    )
+    intra_op_threads: int | None = Field(
+        default=None, ge=1, description="Threads inside one operator; default: runtime.threads."
+    )
+    inter_op_threads: int = Field(
+        default=1, ge=1, description="Operators run in parallel (1: sequential execution)."
+    )
+    graph_optimization: OnnxGraphOptimization = Field(
+        default="all", description="Graph optimisation level: disable, basic, extended or all."
+    )
+    memory_arena: bool = Field(
+        default=True,
+        description="Keep a CPU memory arena (faster repeated calls; holds its peak memory).",
+    )
+    embedding_batch_size: int = Field(
+        default=32, ge=1, le=2048, description="Texts run through an embedding model at once."
+    )
+    max_embedding_inputs: int = Field(
+        default=2048, ge=1, description="Most texts one /v1/embeddings request may carry."
+    )
+
+
 class RuntimeSettings(_Section):
     """Model loading, memory and concurrency."""
 
@@ -93,6 +141,36 @@ class RuntimeSettings(_Section):
         default=4096,
         ge=128,
         description="Context window to load models with (capped by the model).",
+    )
+    onnx: OnnxSettings = Field(
+        default_factory=OnnxSettings,
+        description="ONNX Runtime session options and execution providers.",
+    )
+
+
+class BenchSettings(_Section):
+    """On-device benchmarks (`edge-agent bench`) and the background benchmark job."""
+
+    auto: bool = Field(
+        default=False,
+        description="Benchmark newly installed variants in the background (low priority; "
+        "pauses while requests are served).",
+    )
+    auto_interval_seconds: float = Field(
+        default=600.0, ge=10, description="How often the background job looks for new variants."
+    )
+    generation_tokens: int = Field(
+        default=64, ge=8, le=4096, description="Tokens generated to measure generation speed."
+    )
+    perplexity_window: int = Field(
+        default=256, ge=16, le=4096, description="Tokens per perplexity window (each scored "
+        "from its own start)."
+    )
+    perplexity_max_tokens: int = Field(
+        default=4096, ge=64, description="Most corpus tokens scored for perplexity."
+    )
+    embedding_inputs: int = Field(
+        default=64, ge=1, description="Texts embedded to measure embedding throughput."
     )
 
 
@@ -142,7 +220,16 @@ class SyncSettings(_Section):
         default=500, ge=1, le=10_000, description="Records per message when flushing a class."
     )
     max_inflight: int = Field(
-        default=8, ge=1, le=100, description="Messages published and not yet acknowledged."
+        default=8, ge=1, le=100, description="Messages awaiting the broker's PUBACK."
+    )
+    max_unconfirmed: int = Field(
+        default=64, ge=1, le=10_000,
+        description="Batches awaiting the controller's confirmation (beyond it the flush "
+        "waits: the device's disk, not the broker, holds what the controller has not taken).",
+    )
+    confirm_timeout_seconds: float = Field(
+        default=30.0, gt=0, description="A batch the controller has not confirmed this long "
+        "after its PUBACK is sent again.",
     )
     flush_messages_per_second: float = Field(
         default=50.0, gt=0, description="Rate limit of the flush after a reconnect."
@@ -168,9 +255,6 @@ class SyncSettings(_Section):
         default=10.0, ge=0.1, description="How often the flush job retries while connected."
     )
     gc_seconds: float = Field(default=86_400.0, ge=60, description="Blob garbage collection.")
-    misfire_grace_seconds: float = Field(
-        default=60.0, ge=1, description="A job late by more than this is skipped, not run."
-    )
 
 
 class LoggingSettings(_Section):
@@ -211,6 +295,9 @@ class Settings(BaseSettings):
         default_factory=SecuritySettings, description="Access control and audit."
     )
     sync: SyncSettings = Field(default_factory=SyncSettings, description="Fleet link (MQTT).")
+    bench: BenchSettings = Field(
+        default_factory=BenchSettings, description="On-device benchmarks."
+    )
     logging: LoggingSettings = Field(default_factory=LoggingSettings, description="Logging.")
 
     @classmethod

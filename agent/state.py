@@ -8,11 +8,13 @@ from dataclasses import dataclass, field
 from aiohttp import web
 
 from agent.metrics import Metrics
+from agent.runtime.autobench import AutoBench
 from agent.runtime.resolver import ModelResolver
 from agent.runtime.scheduler import Scheduler
 from agent.security.audit import AuditLog
 from agent.security.service import Security
 from agent.settings import Settings
+from agent.sync.service import SyncService
 from localdb import Database
 from registry.service import Registry
 
@@ -27,6 +29,8 @@ class AgentState:
     resolver: ModelResolver
     security: Security
     audit: AuditLog
+    sync: SyncService
+    autobench: AutoBench
     started_at: float = field(default_factory=time.time)
     ready: bool = False
     stopping: bool = False

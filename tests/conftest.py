@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from conftest_models import assemble_gemma3_gguf, smollm2_gguf_path
+from fleet_env import broker, controller, pki, root  # noqa: F401  (module-scoped fleet fixtures)
 
 
 @pytest.fixture(scope="session")

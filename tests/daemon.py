@@ -43,14 +43,17 @@ class Daemon:
             **(env or {}),
         }
         self.proc: subprocess.Popen[str] | None = None
+        self._log_text = ""
         self.messages: list[str] = []
 
     def start(self) -> Daemon:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "serve"],
             env=self.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            # A file, not a pipe: a pipe nobody reads fills at 64 KiB and then blocks every
+            # thread of the daemon that logs.
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("w"),
             text=True,
         )
         self.wait_for("READY=1")
@@ -65,10 +68,16 @@ class Daemon:
                 raise AssertionError(f"daemon never sent {message}: {self.stderr()}") from exc
             self.messages.extend(data.split("\n"))
 
+    @property
+    def log(self) -> Path:
+        return self.sockdir / "daemon.log"
+
     def stderr(self) -> str:
         if self.proc is None or self.proc.poll() is None:
             return "(running)"
-        return self.proc.stderr.read() if self.proc.stderr else ""
+        if self.log.exists():
+            return self.log.read_text()
+        return self._log_text
 
     def client(self, timeout: float = 120) -> httpx.Client:
         return httpx.Client(
@@ -106,8 +115,19 @@ class Daemon:
             self.proc.send_signal(sig)
         try:
             return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            # Stuck: have it print its threads' stacks (faulthandler on SIGUSR1), then kill.
+            self.proc.send_signal(signal.SIGUSR1)
+            try:
+                self.proc.wait(2)  # time to write the stacks
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            raise AssertionError(f"the daemon did not stop within {timeout}s:\n"
+                                 f"{self.stderr()[-6000:]}") from None
         finally:
             self.notify.close()
+            self._log_text = self.log.read_text() if self.log.exists() else ""
             shutil.rmtree(self.sockdir, ignore_errors=True)
 
 

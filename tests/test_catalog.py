@@ -109,6 +109,7 @@ def test_exactly_the_packaged_models_are_offline() -> None:
         ("smollm2-135m", "gguf-q4_1-cpu"),
         ("gemma3-270m", "gguf-q4_k_m-cpu"),
         ("minilm-l6-v2", "onnx-int8-cpu"),
+        ("paraphrase-minilm-l3-v2", "onnx-fp32-cpu"),
     }
 
 

@@ -29,6 +29,7 @@ UNGUARDED = {
     "models show": "reads the registry file, which only its owner group can open",
     "models select": "reads the registry file, which only its owner group can open",
     "device info": "reads public hardware facts",
+    "device id": "prints the device id (a public key's id)",
     "policy check": "validates a file the caller names",
     "policy explain": "evaluates a policy file the caller can read",
     "audit public-key": "prints the public half of the device key",

@@ -27,6 +27,7 @@ def test_every_owner_declares_its_tables_on_the_one_base() -> None:
     owners = {t.name: t for t in Base.metadata.sorted_tables}
     assert set(owners) == {
         "models", "variants", "artifacts", "model_events",  # registry
+        "variant_files", "bench_results",  # registry (side files, benchmarks)
         "audit_records", "audit_checkpoints", "api_tokens",  # agent.security
         "sync_outbox", "sync_state", "sync_quarantine",  # agent.sync
     }

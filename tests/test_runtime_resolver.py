@@ -63,8 +63,17 @@ def test_selection_and_residency_use_the_same_budget(
         reg.close()
 
 
-def test_only_installed_backends_are_offered_and_explained(tmp_path: Path) -> None:
-    assert available_formats() == ("gguf",)  # llama.cpp is installed; no ONNX backend yet
+def test_both_backends_are_installed_here() -> None:
+    assert available_formats() == ("gguf", "onnx")
+
+
+def test_only_installed_backends_are_offered_and_explained(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # An installation without onnxruntime: its backend's module cannot be found.
+    monkeypatch.setitem(BACKENDS, "onnx", BackendSpec(
+        "onnx", "onnxruntime", "agent.runtime.onnx:open_backend", ("no_such_runtime_module",)))
+    assert available_formats() == ("gguf",)
     settings = load_settings(environ={"EDGE_AGENT_HOME": str(tmp_path)})
     reg = open_registry(settings.state)
     try:

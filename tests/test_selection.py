@@ -3,7 +3,8 @@
 Hardware profiles come from `agent.hardware.detect(root=tests/fixtures/hw/<slug>,
 probe_runtimes=False)` with explicit `RuntimeInfo` overrides (the captures do not say what
 llama.cpp / onnxruntime were built with). Where a capture has no memory file, the test
-supplies the device's RAM; where it lacks a device the hardware has, the override says so.
+supplies the device's RAM, except for the devices named "memory-unknown", which test that
+case; where it lacks a device the hardware has, the override says so.
 """
 
 from __future__ import annotations
@@ -59,6 +60,11 @@ CUDA = RuntimeInfo(
 OPENVINO = RuntimeInfo(onnx_providers=("OpenVINOExecutionProvider", "CPUExecutionProvider"))
 QNN = RuntimeInfo(onnx_providers=("QNNExecutionProvider", "CPUExecutionProvider"))
 HEXAGON = NpuInfo(kind="qualcomm-hexagon", name="Qualcomm Hexagon NPU (X1E-80-100)")
+RKNN_VULKAN = RuntimeInfo(
+    llama_gpu_offload=True, llama_backends=("vulkan",),
+    onnx_providers=("RknpuExecutionProvider", "CPUExecutionProvider"),
+)
+VULKAN_ROCM = RuntimeInfo(llama_gpu_offload=True, llama_backends=("vulkan", "rocm"))
 
 # name: (fixture slug, runtimes, RAM if the capture has none, other overrides)
 DEVICES: dict[str, tuple[str, RuntimeInfo, int | None, dict[str, Any]]] = {
@@ -78,6 +84,14 @@ DEVICES: dict[str, tuple[str, RuntimeInfo, int | None, dict[str, Any]]] = {
     "x-elite": ("snapdragon-x-elite-devkit", QNN, None, {"npus": (HEXAGON,)}),
     "qcs8300-npu-offline": ("qualcomm-qcs8300-ride-sx-cdsp-offline", QNN, 16 * GiB, {}),
     "vmware-4gb": ("x86-xeon-gold-6326-vmware-vm", CPU_ONLY, 4 * GiB, {}),
+    # captures without meminfo, left so: the RAM size is unknown
+    "core-ultra-memory-unknown": ("intel-meteor-lake-npu-linux-npu-driver-15", OPENVINO, None,
+                                  {}),
+    "l40s-memory-unknown": ("x86-xeon-8562y-l40s-server", CUDA, None, {}),
+    # an RK3588 whose NPU shows only through devfreq, its Mali GPU through devfreq + kbase
+    "rock5b-devfreq-npu": ("rk3588-radxa-rock-5b-sbcbench-4qJr", RKNN_VULKAN, None, {}),
+    # a Radeon 780M with a 4 GiB carve-out (the capture has no meminfo; the laptop's RAM)
+    "radeon-780m": ("amd-radeon-780m-phoenix-lact", VULKAN_ROCM, 32 * GiB, {}),
 }
 
 
@@ -591,6 +605,68 @@ def test_unestimable_variant_is_rejected() -> None:
     assert e.value.candidates[0].explanation == (
         "rejected: cannot estimate memory: no file size and no parameter count"
     )
+
+
+# ----------------------------------------------------------------------------- hardware classes
+
+
+def _gguf(name: str, target: str, size: int) -> VariantSpec:
+    return VariantSpec(model_alias="m", name=name, format="gguf", quantization="Q4_K_M",
+                       target=target, estimated_memory=size)
+
+
+def test_memory_unknown_is_said_not_a_zero_budget() -> None:
+    assert device("core-ultra-memory-unknown").memory.total_bytes is None
+    with pytest.raises(NoVariantFits) as e:
+        run("core-ultra-memory-unknown", "phi4-mini")
+    assert "memory unknown" in str(e.value) and "budget is 0 MB" not in str(e.value)
+    assert e.value.smallest is None
+    lines = {c.variant.name: c.explanation for c in e.value.candidates}
+    assert lines["gguf-q4_k_m-cpu"] == (
+        "rejected: memory unknown: the device reported no RAM size, so no budget")
+    # the NPU's budget is system RAM too
+    assert lines["onnx-int4-npu-intel-npu"].startswith("rejected: memory unknown")
+
+
+def test_memory_unknown_leaves_a_discrete_gpu_its_own_budget() -> None:
+    sel = run("l40s-memory-unknown", "llama3.1-8b")
+    assert sel.chosen.target == "cuda"
+    assert sel.budget == 46068 * 2**20 - 500_000_000  # the GPU's memory, known
+    assert by_name(sel)["gguf-q8_0-cpu"].startswith("rejected: memory unknown")
+
+
+def test_amd_apu_igpu_budgets_against_system_ram() -> None:
+    profile = device("radeon-780m")
+    (gpu,) = profile.gpus
+    assert gpu.integrated and gpu.memory_bytes == 4 * GiB  # the carve-out
+    variants = [_gguf("vulkan-6gb", "vulkan", 6 * GB), _gguf("cpu-6gb", "cpu", 6 * GB)]
+    sel = select(variants, profile, DEFAULT)
+    # it was taken for a discrete card with 4 GiB of VRAM: "6.0 GB estimated > 3.8 GB GPU
+    # budget"; as an iGPU it shares the laptop's RAM
+    assert sel.chosen.name == "vulkan-6gb"
+    assert sel.budget == memory_budget(profile, DEFAULT) == memory_budget(profile, DEFAULT,
+                                                                          "vulkan")
+
+
+def test_soc_gpu_off_pci_is_a_vulkan_device_on_system_ram() -> None:
+    profile = device("rock5b-devfreq-npu")
+    variants = [_gguf("vulkan", "vulkan", 2 * GB), _gguf("metal", "metal", 2 * GB),
+                _gguf("cpu", "cpu", 2 * GB)]
+    sel = select(variants, profile, DEFAULT)
+    assert sel.chosen.name == "vulkan"  # was "needs Vulkan, none detected"
+    assert sel.budget == memory_budget(profile, DEFAULT)
+    # Mali has a vendor of its own now, so it is not taken for Metal's "other" (Apple) GPU
+    assert by_name(sel)["metal"] == "rejected: needs Metal, none detected"
+
+
+def test_npu_with_state_unknown_is_reported_but_not_offered() -> None:
+    npu = VariantSpec(model_alias="m", name="onnx-npu", format="onnx", quantization="int8",
+                      target="npu-rockchip-rknpu", estimated_memory=GB)
+    sel = select([npu, _gguf("cpu", "cpu", GB)], device("rock5b-devfreq-npu"), DEFAULT)
+    assert sel.chosen.name == "cpu"
+    line = by_name(sel)["onnx-npu"]
+    assert line.startswith("rejected: needs rockchip-rknpu NPU, present but offline (state "
+                           "unknown: seen only through its devfreq node fdab0000.npu")
 
 
 def test_memory_budget_for_hand_built_profiles() -> None:

@@ -97,6 +97,18 @@ async def audit_tail(request: web.Request) -> web.Response:
     return web.json_response({"records": [r.to_dict() for r in records]})
 
 
+async def sync_status(request: web.Request) -> web.Response:
+    """The fleet link: enrollment, connection state and why, backlog, drops, alarms."""
+    state = request.app[STATE]
+    return web.json_response(await asyncio.to_thread(state.sync.status))
+
+
+async def jobs(request: web.Request) -> web.Response:
+    """The scheduled jobs: period, runs, failures, last and next run."""
+    state = request.app[STATE]
+    return web.json_response({"jobs": [j.as_json() for j in state.sync.jobs.info()]})
+
+
 ROUTES = [
     RouteSpec("GET", "/agent/v1/whoami", whoami, PUBLIC),
     RouteSpec("GET", "/agent/v1/device", device, "device:read"),
@@ -106,4 +118,6 @@ ROUTES = [
     RouteSpec("POST", "/agent/v1/models/{alias}/unload", unload, "models:load", model_scoped=True),
     RouteSpec("GET", "/agent/v1/loaded", loaded, "models:read"),
     RouteSpec("GET", "/agent/v1/audit", audit_tail, "audit:read"),
+    RouteSpec("GET", "/agent/v1/sync", sync_status, "device:read"),
+    RouteSpec("GET", "/agent/v1/jobs", jobs, "device:read"),
 ]

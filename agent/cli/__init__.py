@@ -47,6 +47,7 @@ COMMANDS = {
     "policy": "agent.cli.policy:policy",
     "tokens": "agent.cli.tokens:tokens",
     "audit": "agent.cli.audit:audit",
+    "bench": "agent.cli.bench:bench",
     "serve": "agent.cli.serve:serve",
     "run": "agent.cli.serve:run",
     "chat": "agent.cli.serve:chat",

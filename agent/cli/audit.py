@@ -31,6 +31,7 @@ from agent.cli.guard import guarded
 from agent.security import audit as auditlog
 from agent.security import audit_verify
 from agent.security.keys import key_id_of, load_device_public_key, load_public_key
+from localdb import Database
 
 pass_ctx = click.make_pass_decorator(Context)
 F = TypeVar("F", bound=Callable[..., Any])
@@ -192,7 +193,8 @@ def prune(ctx: Context, before: int) -> None:
         result = audit_verify.verify(db, pub)
         if not result.ok:
             fail(f"refusing to prune: {result.line()}")
-        deleted = audit_verify.prune(db, before, public_key=pub)
+        deleted = audit_verify.prune(db, before, public_key=pub,
+                                     shipped_through=_shipped_through(ctx, db))
         first = auditlog.query(db, limit=1)
     if deleted == 0:
         click.echo(f"nothing to prune: no signed checkpoint at or below seq {before} "
@@ -200,6 +202,17 @@ def prune(ctx: Context, before: int) -> None:
         return
     start = f"records now start at seq {first[0].seq}" if first else "no records left"
     click.echo(f"pruned {deleted} record(s); {start}")
+
+
+def _shipped_through(ctx: Context, db: Database) -> int | None:
+    """What the fleet controller acknowledged, on an enrolled device (None: not enrolled)."""
+    from agent.sync import enroll
+    from agent.sync.outbox import Outbox
+
+    cursor = Outbox(db, quotas={}, alarms={}).cursor("audit")
+    if cursor or enroll.status(ctx.settings.home).state != "not-enrolled":
+        return cursor
+    return None
 
 
 @audit.command("public-key")

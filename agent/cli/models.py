@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -29,7 +30,7 @@ def models() -> None:
 
 
 @models.command("import")
-@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("path", type=click.Path(path_type=Path))
 @click.option("--alias", help="Name apps use for the model (default: from the file).")
 @click.option("--move", is_flag=True, help="Move the file into the store instead of copying.")
 @click.option(
@@ -44,9 +45,13 @@ def models() -> None:
 def import_(
     ctx: Context, path: Path, alias: str | None, move: bool, task: str | None, as_json: bool
 ) -> None:
-    """Import a GGUF or ONNX file; its metadata is read from the file itself."""
+    """Import a GGUF or ONNX file, or an ONNX model folder (model.onnx with its weights,
+    tokenizer, genai_config.json); the metadata is read from the files themselves."""
     from tqdm import tqdm
-    size = path.stat().st_size if path.is_file() else 0
+    if path.is_dir():
+        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    else:
+        size = path.stat().st_size if path.is_file() else 0
     with (
         registry(ctx) as reg,
         tqdm(
@@ -199,3 +204,90 @@ def unload(ctx: Context, alias: str) -> None:
     """Unload a model from the running agent."""
     r = call(ctx, "POST", f"/agent/v1/models/{alias}/unload", {})
     click.echo(f"unloaded {alias}" if r["unloaded"] else f"{alias} was not loaded")
+
+
+@models.command("quantize")
+@click.argument("alias")
+@click.option("--to", "to", required=True,
+              help="Target: a GGUF type (Q4_0, Q5_1, Q8_0, Q4_K_M, ...) or int8 (ONNX).")
+@click.option("--from", "source", default=None,
+              help="Variant to start from (default: the highest-precision one of that format).")
+@json_option
+@pass_ctx
+@guarded("models:write", resource=lambda kw: f"model:{kw['alias']}")
+def quantize(ctx: Context, alias: str, to: str, source: str | None, as_json: bool) -> None:
+    """Make a new variant of a model on this device, and show every variant's size."""
+    import tempfile
+
+    from tqdm import tqdm
+
+    from agent.errors import QuantizeError
+    from agent.runtime import quantize as q
+    from agent.runtime.llama import default_threads
+    from registry.types import BITS_PER_WEIGHT, quality_rank
+
+    fmt = q.target_format(to)
+    with registry(ctx) as reg:
+        info = reg.get(alias)
+        target = to.upper() if fmt == "gguf" else to.lower()
+        if any(v.format == fmt and v.quantization == target for v in info.variants):
+            raise QuantizeError(f"{alias} already has a {fmt} {target} variant")
+        pool = [v for v in info.variants if v.format == fmt and v.sha256]
+        if source is not None:
+            pool = [v for v in pool if v.name == source]
+        if not pool:
+            raise QuantizeError(f"{alias} has no installed {fmt} variant"
+                                + (f" named {source}" if source else "") + " to start from")
+        src = max(pool, key=lambda v: (quality_rank(v.quantization), v.file_size or 0))
+        task: Any = info.task
+        path = reg.materialize(alias, src.name)
+        with tempfile.TemporaryDirectory(dir=reg.store.tmp_dir, prefix="quantize-") as work:
+            if fmt == "gguf":
+                params = info.parameter_count or 0
+                expected = int(params * BITS_PER_WEIGHT.get(target, 8.0) / 8) or (
+                    src.file_size or 1)
+                out = Path(work) / f"{alias}-{target}.gguf"
+                with tqdm(total=expected, unit="B", unit_scale=True, leave=False,
+                          desc=f"{src.quantization} -> {target}", disable=as_json or None) as bar:
+                    q.quantize_gguf(path, out, target, threads=ctx.settings.runtime.threads
+                                    or default_threads(), expected_size=expected,
+                                    progress=bar.update)
+                result = reg.import_file(out, alias=alias, move=True, task=task)
+            else:
+                side = [path.with_name(n) for n in src.files if not n.endswith(".data")]
+                with tqdm(total=1, leave=False, desc=f"{src.quantization} -> int8",
+                          disable=as_json or None) as bar:
+                    out = q.quantize_onnx_int8(path, Path(work) / "model", side)
+                    bar.update(1)
+                result = reg.import_file(out.parent if side else out, alias=alias, move=True,
+                                         task=task)
+        reg.record_event(alias, "quantized", variant=result.variant, source=src.name)
+        report = size_report(reg.get(alias))
+    if as_json:
+        emit_json({"variant": result.variant, "source": src.name, "sha256": result.sha256,
+                   "sizes": report})
+        return
+    click.echo(f"created {alias} {result.variant} from {src.name} (sha256 {result.sha256[:12]})")
+    _print_sizes(report)
+
+
+def size_report(info: ModelInfo) -> list[dict[str, object]]:
+    """Each variant's bytes on disk and its reduction against the largest, largest first."""
+    sized = sorted((v for v in info.variants if v.file_size), key=lambda v: -(v.file_size or 0))
+    largest = sized[0].file_size if sized else 0
+    return [
+        {"variant": v.name, "format": v.format, "quantization": v.quantization,
+         "bytes": v.file_size, "bits_per_weight": v.bits_per_weight,
+         "reduction_pct": round(100 * (1 - (v.file_size or 0) / largest), 1) if largest else 0.0}
+        for v in sized
+    ]
+
+
+def _print_sizes(report: list[dict[str, object]]) -> None:
+    click.echo(f"{'VARIANT':<28} {'QUANT':<8} {'SIZE':>10} {'BPW':>6} {'VS LARGEST':>11}")
+    for r in report:
+        bpw = r["bits_per_weight"]
+        cut = "largest" if r["reduction_pct"] == 0 else f"-{r['reduction_pct']}%"
+        click.echo(f"{r['variant']!s:<28} {r['quantization']!s:<8} "
+                   f"{human_bytes(r['bytes'])!s:>10} "  # type: ignore[arg-type]
+                   f"{bpw if bpw is not None else '-'!s:>6} {cut:>11}")

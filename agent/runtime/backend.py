@@ -1,11 +1,13 @@
 """The backend seam: what a loaded model must do, and which backend loads which format.
 
-A backend is one loaded model in one runtime (llama.cpp for GGUF today; ONNX Runtime
-next). The residency and scheduler drive every backend the same way: `load_backend` opens
-it in the model's own thread, `generate`/`embed`/`tokenize` run there one call at a time,
-`close` frees it. Backends are registered by variant format with the module that
-implements them, imported only when a model of that format loads, so an idle agent
-carries no runtime at all; `available_formats()` tells selection (through the hardware
+A backend is one loaded model in one runtime: llama.cpp for GGUF (`agent.runtime.llama`),
+ONNX Runtime for ONNX (`agent.runtime.onnx`: embedding models on a session,
+onnxruntime-genai folders in `agent.runtime.onnx_genai`). The residency and scheduler
+drive every backend the same way: `load_backend` opens it in the model's own thread,
+`generate`/`embed`/`score`/`tokenize` run there one call at a time, `close` frees it.
+Backends are registered by variant format with the module that implements them,
+imported only when a model of that format loads, so an idle agent carries no runtime at
+all; `available_formats()` tells selection (through the hardware
 profile) which formats this installation can run, without importing anything.
 """
 
@@ -22,7 +24,7 @@ from agent.errors import ModelLoadFailed
 
 if TYPE_CHECKING:
     from agent.metrics import Metrics
-    from agent.runtime.types import Chunk, GenerationRequest, ResolvedModel
+    from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedModel
     from agent.settings import RuntimeSettings
 
 __all__ = [
@@ -44,8 +46,14 @@ class Backend(Protocol):
         without a final chunk once `cancel` is set (checked before every token)."""
         ...
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        """One vector per text (raises TaskNotSupported for a model that cannot embed)."""
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """One L2-normalised vector per text, run in batches (raises TaskNotSupported for a
+        model that cannot embed)."""
+        ...
+
+    def score(self, tokens: Sequence[int]) -> list[float]:
+        """Log-probability of each token after the first given those before it (for
+        perplexity); TaskNotSupported for a model that does not predict tokens."""
         ...
 
     def tokenize(self, text: str) -> list[int]:
@@ -83,6 +91,10 @@ class BackendSpec:
 
 BACKENDS: dict[str, BackendSpec] = {
     "gguf": BackendSpec("gguf", "llama.cpp", "agent.runtime.llama:open_backend", ("llama_cpp",)),
+    # Embedding models need only onnxruntime + tokenizers; generative ONNX models also
+    # need onnxruntime_genai, checked when one loads.
+    "onnx": BackendSpec("onnx", "onnxruntime", "agent.runtime.onnx:open_backend",
+                        ("onnxruntime", "tokenizers")),
 }
 
 

@@ -18,8 +18,10 @@ from typing import Any
 
 from agent.errors import ChatNotSupported, ModelLoadFailed, PromptTooLong, TaskNotSupported
 from agent.metrics import Metrics
+from agent.runtime.stops import find_stop as _find_stop
+from agent.runtime.stops import held_back as _held_back
 from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
-from agent.runtime.types import Chunk, GenerationRequest, ResolvedModel, Sampling
+from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedModel, Sampling
 from agent.settings import RuntimeSettings
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,7 @@ class LlamaBackend:
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
         self.n_ctx: int = int(llm.n_ctx())
+        self.embedding = resolved.task == "embedding"
         meta: dict[str, str] = dict(llm.metadata or {})
         self.architecture = resolved.architecture or meta.get("general.architecture")
         template = resolved.chat_template or meta.get("tokenizer.chat_template")
@@ -103,6 +106,9 @@ class LlamaBackend:
         if resolved.context_length:
             n_ctx = min(n_ctx, resolved.context_length)
 
+        embedding = resolved.task == "embedding"
+        pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # the GGUF's own
+
         def open_model(ctx: int) -> Any:
             return llama_cpp.Llama(
                 model_path=resolved.path,
@@ -113,11 +119,21 @@ class LlamaBackend:
                 use_mmap=True,
                 seed=RANDOM_SEED,
                 verbose=False,
+                # An embedding model pools over each text (the GGUF's pooling type, else
+                # mean); its batches hold whole texts.
+                embedding=embedding,
+                n_batch=ctx if embedding else 512,
+                n_ubatch=ctx if embedding else 512,
+                pooling_type=pooling,
             )
 
         llm: Any = None
         try:
             llm = open_model(n_ctx)
+            if embedding and llm.pooling_type() == llama_cpp.LLAMA_POOLING_TYPE_NONE:
+                llm.close()  # a model that names no pooling: mean, as sentence embedders do
+                pooling = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+                llm = open_model(n_ctx)
             trained = int(llm._model.n_ctx_train())
             if 0 < trained < n_ctx:  # the registry did not know the model's window
                 llm.close()
@@ -160,11 +176,47 @@ class LlamaBackend:
         """Tokens of `text` as a raw prompt (special tokens parsed, BOS as the model wants)."""
         return self.prompt_tokens(FormattedPrompt(text, source="raw"))
 
-    def embed(self, texts: Sequence[str]) -> list[list[float]]:
-        raise TaskNotSupported(
-            f"model {self.alias} is loaded for text generation; llama.cpp embeddings are "
-            "not enabled for it"
-        )
+    def embed(self, texts: Sequence[str]) -> Embeddings:
+        """L2-normalised vectors of `texts`, pooled as the model says (mean by default);
+        llama.cpp fills each batch with as many whole texts as fit."""
+        import numpy as np
+
+        if not self.embedding:
+            raise TaskNotSupported(
+                f"model {self.alias} is a {self.resolved.task} model; import an embedding "
+                "model (or this file with --task embedding) for /v1/embeddings"
+            )
+        vectors, count = self._llm.embed(list(texts), normalize=True, truncate=True,
+                                         return_count=True)
+        return Embeddings(np.asarray(vectors, dtype=np.float32).reshape(len(texts), -1),
+                          int(count))
+
+    def score(self, tokens: Sequence[int]) -> list[float]:
+        """Log-probability of each token after the first given those before it, from one
+        fresh evaluation of `tokens` (at most n_batch of them) with logits for every one."""
+        import llama_cpp
+        import numpy as np
+
+        if self.embedding:
+            raise TaskNotSupported(f"model {self.alias} is an embedding model")
+        llm = self._llm
+        n = len(tokens)
+        if not 1 < n <= min(llm.n_batch, self.n_ctx):
+            raise PromptTooLong(f"score takes 2 to {min(llm.n_batch, self.n_ctx)} tokens")
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        batch = llm._batch
+        batch.set_batch(list(tokens), n_past=0, logits_all=True)
+        llm._ctx.decode(batch)
+        n_vocab = llm.n_vocab()
+        ptr = llama_cpp.llama_get_logits(llm._ctx.ctx)
+        logits = np.ctypeslib.as_array(ptr, shape=(n, n_vocab)).astype(np.float64)
+        llm._ctx.kv_cache_clear()
+        llm.n_tokens = 0
+        top = logits[:-1].max(axis=1, keepdims=True)
+        lse = top[:, 0] + np.log(np.exp(logits[:-1] - top).sum(axis=1))
+        picked = logits[np.arange(n - 1), np.asarray(tokens[1:])]
+        return list((picked - lse).tolist())
 
     def memory_bytes(self) -> int:
         return self.resolved.estimated_memory
@@ -185,6 +237,9 @@ class LlamaBackend:
         """Stream the completion as text chunks; the last chunk has finish_reason and usage.
 
         Returns without a final chunk when `cancel` is set (checked before every token)."""
+        if self.embedding:
+            raise TaskNotSupported(f"model {self.alias} is an embedding model; use "
+                                   "/v1/embeddings")
         formatted = self.format_prompt(request)
         tokens = self.prompt_tokens(formatted)
         s = request.sampling
@@ -309,20 +364,3 @@ def open_backend(
 
 def _token_text(llm: Any, token: int) -> str:
     return str(llm._model.token_get_text(token)) if token >= 0 else ""
-
-
-def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index where the earliest stop sequence begins in `text`, or None."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """Length of the longest tail of `text` that could begin a stop sequence."""
-    best = 0
-    for s in stops:
-        for n in range(min(len(s) - 1, len(text)), best, -1):
-            if text.endswith(s[:n]):
-                best = n
-                break
-    return best

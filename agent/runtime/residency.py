@@ -346,8 +346,10 @@ class Residency:
     async def wait_activity(self, timeout: float | None) -> None:
         if self._activity is None:
             self._activity = asyncio.Event()
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a racing cancellation.
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._activity.wait(), timeout)
+            async with asyncio.timeout(timeout):
+                await self._activity.wait()
 
 
 def _close_backend(backend: Backend, lease: contextlib.AbstractContextManager[Any] | None) -> None:

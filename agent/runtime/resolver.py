@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from agent.runtime.types import ResolvedModel
 from agent.settings import RuntimeSettings, Settings
-from registry.service import Registry
+from registry.service import ModelInfo, Registry
 
 if TYPE_CHECKING:  # selection's models cost ~3 MB: the daemon loads them on first use
     from registry.profile import HardwareProfile
@@ -101,13 +101,26 @@ class ModelResolver:
         """Selection among this device's installed variants plus the catalog's."""
         from registry.catalog import load_catalog
 
-        installed = self.registry.variant_specs(alias)
+        installed = self.measured(alias, self.registry.variant_specs(alias))
         names = {v.name for v in installed}
         entry = load_catalog().find(alias)
         extra = [s for s in entry.specs() if s.name not in names] if entry else []
         return self._index(alias, [*installed, *extra]).select(
             self.profile(), self.policy(), model_alias=alias
         )
+
+    def fingerprint(self) -> str:
+        """The hardware fingerprint benchmark results are stored under on this device."""
+        from registry.bench import fingerprint
+
+        return fingerprint(self.profile())
+
+    def measured(self, alias: str, specs: list[VariantSpec]) -> list[VariantSpec]:
+        """`specs` with the benchmark results this hardware has for them."""
+        from registry.bench import results, with_measurements
+
+        rows = results(self.registry, alias, self.fingerprint())
+        return with_measurements(specs, rows) if rows else specs
 
     def _index(self, alias: str, variants: list[VariantSpec]) -> VariantIndex:
         """The prepared index of `variants`, rebuilt only when they change."""
@@ -123,11 +136,26 @@ class ModelResolver:
     def resolve(self, alias: str) -> ResolvedModel:
         """The installed variant to load for `alias` (ModelNotFound if not installed)."""
         info, installed, templates = self.registry.installed(alias)
+        installed = self.measured(alias, installed)
         sel = self._index(f"installed:{alias}", installed).select(
             self.profile(), self.policy(), model_alias=alias
         )
         chosen = sel.chosen
         assert chosen.sha256 is not None  # installed variants always have their blob
+        return self.resolved(info, chosen, templates.get(chosen.name), sel.estimated_memory)
+
+    def resolved(
+        self, info: ModelInfo, chosen: VariantSpec, chat_template: str | None,
+        estimated_memory: int,
+    ) -> ResolvedModel:
+        """What loading `chosen` needs (its files side by side when it has side files)."""
+        alias = info.alias
+        assert chosen.sha256 is not None
+        vinfo = next((v for v in info.variants if v.name == chosen.name), None)
+        if vinfo is not None and vinfo.files:
+            path = self.registry.materialize(alias, chosen.name)
+        else:
+            path = self.registry.store.path(chosen.sha256)
         return ResolvedModel(
             alias=alias,
             variant=chosen.name,
@@ -135,10 +163,11 @@ class ModelResolver:
             quantization=chosen.quantization,
             target=chosen.target,
             sha256=chosen.sha256,
-            path=str(self.registry.store.path(chosen.sha256)),
+            path=str(path),
             task=info.task,
             architecture=info.architecture,
-            chat_template=templates.get(chosen.name),
+            chat_template=chat_template,
             context_length=info.context_length,
-            estimated_memory=sel.estimated_memory,
+            estimated_memory=estimated_memory,
+            runtime_requirement=chosen.runtime_requirement,
         )

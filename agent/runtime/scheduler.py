@@ -1,5 +1,7 @@
 """Admission and execution: the per-model queue (429 beyond it), one call at a time per
-model in its own thread, cancellation, and the close protocol. The API's entry point.
+model in its own thread, cancellation, and the close protocol. The API's entry point:
+`generate` streams a completion, `run` makes any other call (embeddings, scoring) on the
+model's thread, through the same admission, queue and lane.
 
 Every model runs one generation at a time (a llama.cpp context is not thread-safe) in its
 resident thread; other requests for it wait in a bounded FIFO queue, while different
@@ -9,12 +11,14 @@ models run concurrently. `Residency` decides what is loaded; this module decides
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import math
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from agent.errors import QueueFull, Stopping
 from agent.metrics import Metrics
@@ -24,6 +28,16 @@ from agent.runtime.types import Chunk, GenerationRequest, LoadedModel, ResolvedM
 from agent.settings import RuntimeSettings
 
 _DONE = object()  # the worker's end-of-stream marker
+T = TypeVar("T")
+
+
+@dataclass(eq=False)
+class _Call:
+    """One admitted request on a model: its resident, its running thread, its stop flag."""
+
+    resident: Resident | None = None
+    worker: asyncio.Future[Any] | None = None
+    cancel: threading.Event | None = None
 
 
 class Scheduler:
@@ -95,6 +109,10 @@ class Scheduler:
         return [self.residency.describe(r, self.queue_depth(r.alias))
                 for r in self.residency.residents()]
 
+    def busy(self) -> bool:
+        """Whether any request is waiting or running (background work yields to it)."""
+        return bool(self._admitted)
+
     def queue_depth(self, alias: str) -> int:
         """Requests for `alias` waiting or running (as the queue-depth gauge counts them)."""
         return self._admitted.get(alias, 0)
@@ -126,33 +144,14 @@ class Scheduler:
 
         Raises QueueFull, ModelLoadFailed, Stopping (and the registry's ModelNotFound)
         before the first chunk. Closing the iterator early stops the generation."""
-        res = self.residency
-        res.check_open()
         alias = request.model
         started = time.perf_counter()
-        self._admit(alias, limit=True)
-        r: Resident | None = None
-        cancel = threading.Event()
-        worker: asyncio.Future[None] | None = None
-        try:
-            r = await res.ensure(alias, request.keep_alive)
-            lane = r.lane
-            lane.users += 1
-            await lane.lock.acquire()
-            try:
-                res.check_open()
-                loop = asyncio.get_running_loop()
-                queue: asyncio.Queue[Any] = asyncio.Queue()
-                worker = loop.run_in_executor(
-                    r.executor, _work, r.backend, request, cancel, loop, queue
-                )
-                lane.worker, lane.cancel = worker, cancel
-            finally:
-                if worker is None:
-                    lane.lock.release()
-                else:
-                    # The lane is free when the thread is done, whatever the consumer does.
-                    worker.add_done_callback(functools.partial(self._worker_done, lane))
+        async with self._call(alias, request.keep_alive) as call:
+            call.cancel = cancel = threading.Event()
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Any] = asyncio.Queue()
+            assert call.resident is not None
+            await self._start(call, _work, call.resident.backend, request, cancel, loop, queue)
             first = True
             while True:
                 item = await queue.get()
@@ -166,28 +165,79 @@ class Scheduler:
                 yield item
                 if item.finish_reason is not None:
                     break
-            if worker is not None and cancel.is_set():
+            if cancel.is_set():
                 raise Stopping("the agent is shutting down")
+
+    async def run(
+        self, alias: str, fn: Callable[..., T], *args: Any, keep_alive: float | None = None
+    ) -> T:
+        """`fn(backend, *args)` on `alias`'s own thread, through the same queue as a
+        generation (QueueFull past queue_size), loading the model first if needed: how
+        embeddings, scoring and benchmarks reach a model."""
+        async with self._call(alias, keep_alive) as call:
+            assert call.resident is not None
+            worker = await self._start(call, fn, call.resident.backend, *args)
+            result: T = await asyncio.shield(worker)
+            return result
+
+    @contextlib.asynccontextmanager
+    async def _call(self, alias: str, keep_alive: float | None) -> AsyncIterator[_Call]:
+        """One admitted call on `alias`: admission, load, the lane's user count; on exit
+        its worker is stopped (`cancel`) and waited for, so the lane is free when the
+        caller moves on, and a keep_alive of 0 unloads the model."""
+        res = self.residency
+        res.check_open()
+        self._admit(alias, limit=True)
+        call = _Call()
+        try:
+            call.resident = r = await res.ensure(alias, keep_alive)
+            r.lane.users += 1
+            yield call
         finally:
-            cancel.set()  # no-op when the generation finished; stops it otherwise
+            if call.cancel is not None:
+                call.cancel.set()  # no-op when the generation finished; stops it otherwise
             interrupted = False
-            if worker is not None and not worker.done():
+            if call.worker is not None and not call.worker.done():
                 # Wait (within a token step) so the lane is free when the caller moves on;
                 # if cancelled meanwhile, the done-callback still frees it.
                 try:
-                    await asyncio.shield(worker)
+                    await asyncio.shield(call.worker)
                 except asyncio.CancelledError:
                     interrupted = True
-            if r is not None:
-                r.lane.users -= 1
-                r.last_used = res.clock()
+                except Exception:  # noqa: S110 - the caller already has the worker's error
+                    pass
+            used = call.resident
+            if used is not None:
+                used.lane.users -= 1
+                used.last_used = res.clock()
             self._release(alias)
             res.notify()
             if interrupted:
                 raise asyncio.CancelledError
-            if r is not None and r.keep_alive == 0 and not res.closing:
+            if used is not None and used.keep_alive == 0 and not res.closing:
                 # keep_alive 0: unloaded before the caller's loop ends (Ollama's semantics).
-                await res.unload_if_idle(r)
+                await res.unload_if_idle(used)
+
+    async def _start(self, call: _Call, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
+        """Take the lane (FIFO) and start `fn(*args)` in the model's thread; the lane is
+        released when that thread is done, whatever the caller does meanwhile."""
+        r = call.resident
+        assert r is not None
+        lane = r.lane
+        await lane.lock.acquire()
+        worker: asyncio.Future[Any] | None = None
+        try:
+            self.residency.check_open()
+            loop = asyncio.get_running_loop()
+            worker = loop.run_in_executor(r.executor, fn, *args)
+            lane.worker, lane.cancel = worker, call.cancel
+        finally:
+            if worker is None:
+                lane.lock.release()
+            else:
+                worker.add_done_callback(functools.partial(self._worker_done, lane))
+        call.worker = worker
+        return worker
 
     def _admit(self, alias: str, *, limit: bool) -> None:
         n = self._admitted.get(alias, 0)

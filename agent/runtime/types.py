@@ -5,9 +5,14 @@ Errors: the `InferenceError` branch of `agent.errors`.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+if TYPE_CHECKING:  # numpy is loaded with a runtime, not by the API at start-up
+    import numpy as np
+    from numpy.typing import NDArray
 
 
 class ChatMessage(BaseModel):
@@ -85,3 +90,15 @@ class ResolvedModel(BaseModel):
     chat_template: str | None = None
     context_length: int | None = None
     estimated_memory: int = Field(ge=0, description="Bytes selection estimated for it.")
+    runtime_requirement: str | None = Field(
+        default=None, description="e.g. 'onnxruntime:CUDAExecutionProvider' (from the variant)."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Embeddings:
+    """Vectors for some texts (float32, one row each, in their order) and the tokens the
+    model read for them."""
+
+    vectors: NDArray[np.float32]
+    prompt_tokens: int

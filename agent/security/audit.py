@@ -21,14 +21,13 @@ Errors: the `TokenError`/`AuditError`/`DeviceKeyError` branches of `agent.errors
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
 import queue
 import threading
 import time
-from base64 import b64decode, b64encode
+from base64 import b64encode
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,8 +39,18 @@ from sqlalchemy import Connection
 from agent.errors import AuditClosedError, AuditError
 from agent.security.identity import Subject
 from agent.security.keys import DeviceKey, LazyDeviceKey
-from agent.security.keys import verify as verify_signature
 from agent.security.tables import AuditCheckpoint, AuditRecord
+from fleet.auditchain import CHECKPOINT_FIELDS as _CHECKPOINT_COLS
+from fleet.auditchain import (
+    GENESIS,
+    Checkpoint,
+    Record,
+    VerifyResult,
+    canonical_json,
+    checkpoint_message,
+    record_digest,
+)
+from fleet.auditchain import RECORD_FIELDS as _RECORD_COLS
 from localdb import Database
 
 if TYPE_CHECKING:  # cryptography is imported by agent.security.keys when a key is first used
@@ -74,7 +83,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-GENESIS: Final = "0" * 64
 EXPORT_FORMAT: Final = "edge-agent-audit/1"
 DECISIONS: Final = frozenset({"allow", "deny"})
 # Keys that would carry prompt or completion text; removed (at any depth) before storing.
@@ -87,11 +95,6 @@ FORBIDDEN_DETAIL_KEYS: Final = frozenset({
 
 _RECORD_TABLE: Final = AuditRecord.__tablename__
 _CHECKPOINT_TABLE: Final = AuditCheckpoint.__tablename__
-_RECORD_COLS: Final = (
-    "seq", "time", "subject", "uid", "pid", "action", "resource", "decision", "outcome",
-    "details", "digest",
-)
-_CHECKPOINT_COLS: Final = ("seq", "digest", "time", "key_id", "signature")
 _SELECT_RECORDS: Final = f"SELECT {', '.join(_RECORD_COLS)} FROM {_RECORD_TABLE}"  # noqa: S608
 _SELECT_CHECKPOINTS: Final = (
     f"SELECT {', '.join(_CHECKPOINT_COLS)} FROM {_CHECKPOINT_TABLE}"  # noqa: S608
@@ -109,21 +112,6 @@ _FETCH: Final = 2000
 
 
 # --- the record format ------------------------------------------------------------------
-
-
-def canonical_json(obj: Any) -> str:
-    """The JSON text that is hashed: sorted keys, no spaces, UTF-8 (not \\u-escaped)."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-
-
-def record_digest(prev_digest: str, content: Mapping[str, Any]) -> str:
-    """sha256 hex of UTF-8(prev_digest_hex + canonical_json(record without digest))."""
-    return hashlib.sha256((prev_digest + canonical_json(content)).encode("utf-8")).hexdigest()
-
-
-def checkpoint_message(seq: int, digest: str) -> bytes:
-    """The exact bytes a checkpoint signs: ASCII `"<seq>:<digest hex>"`, e.g. b"1000:ab12…"."""
-    return f"{seq}:{digest}".encode("ascii")
 
 
 def format_time(when: datetime) -> str:
@@ -201,104 +189,6 @@ def audit_recorder(log: AuditLog) -> AuditFn:
         log.append(audit_entry(subject, action, resource, decision, outcome, details))
 
     return record
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One stored audit record, as read back."""
-
-    seq: int
-    time: str
-    subject: str
-    uid: int | None
-    pid: int | None
-    action: str
-    resource: str
-    decision: str
-    outcome: str
-    details: dict[str, Any]
-    digest: str
-
-    def content(self) -> dict[str, Any]:
-        """The hashed fields: everything but the digest."""
-        return {
-            "seq": self.seq, "time": self.time, "subject": self.subject, "uid": self.uid,
-            "pid": self.pid, "action": self.action, "resource": self.resource,
-            "decision": self.decision, "outcome": self.outcome, "details": self.details,
-        }
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.content(), "digest": self.digest}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Record:
-        fields: dict[str, Any] = {k: data.get(k) for k in _RECORD_COLS}
-        return cls(**fields)
-
-
-@dataclass(frozen=True, slots=True)
-class Checkpoint:
-    """A device-key signature over the chain head at `seq` (signature is base64)."""
-
-    seq: int
-    digest: str
-    time: str
-    key_id: str
-    signature: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return {c: getattr(self, c) for c in _CHECKPOINT_COLS}
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Checkpoint:
-        fields: dict[str, Any] = {k: data.get(k) for k in _CHECKPOINT_COLS}
-        return cls(**fields)
-
-    def signature_ok(self, public_key: Ed25519PublicKey) -> bool:
-        try:
-            sig = b64decode(self.signature, validate=True)
-            msg = checkpoint_message(self.seq, self.digest)
-        except (ValueError, TypeError, UnicodeEncodeError):
-            return False
-        return verify_signature(public_key, sig, msg)
-
-
-@dataclass(frozen=True, slots=True)
-class VerifyResult:
-    """Outcome of a verification; `first_bad_seq` is where the chain first fails.
-
-    `signed_through` is the highest seq vouched for by a valid checkpoint; records after
-    it are chained but not yet signed.
-    """
-
-    ok: bool
-    first_bad_seq: int | None
-    reason: str
-    records: int
-    checkpoints: int
-    first_seq: int | None = None
-    last_seq: int | None = None
-    signed_through: int | None = None
-
-    def line(self) -> str:
-        if not self.ok:
-            return f"audit chain broken at seq {self.first_bad_seq}: {self.reason}"
-        if self.records == 0:
-            return f"audit chain ok: no records, {self.checkpoints} checkpoint(s)"
-        unsigned = (self.last_seq or 0) - (self.signed_through or (self.first_seq or 1) - 1)
-        tail = f", {unsigned} record(s) after the last checkpoint" if unsigned > 0 else ""
-        return (
-            f"audit chain ok: {self.records} record(s) (seq {self.first_seq}..{self.last_seq}), "
-            f"{self.checkpoints} checkpoint(s){tail}"
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "ok": self.ok, "first_bad_seq": self.first_bad_seq, "reason": self.reason,
-            "records": self.records, "checkpoints": self.checkpoints,
-            "first_seq": self.first_seq, "last_seq": self.last_seq,
-            "signed_through": self.signed_through,
-        }
 
 
 def _forbidden(key: str) -> bool:

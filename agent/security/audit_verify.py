@@ -8,7 +8,7 @@ further; `export` writes JSONL that `verify_export` checks offline. docs/audit.m
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,13 +28,12 @@ from agent.security.audit import (
     _snapshot,
     _to_record,
     format_time,
-    record_digest,
 )
 from agent.security.keys import load_public_key
+from fleet.auditchain import verify_chain
 from localdb import Database
 
 if TYPE_CHECKING:
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
     from agent.security.audit import PublicKeyLike
 
@@ -51,127 +50,28 @@ def verify(db: Database, public_key: PublicKeyLike) -> VerifyResult:
     with _snapshot(db) as cur:
         cps = _read_checkpoints(cur, None, None)
         cur.execute(f"{_SELECT_RECORDS} ORDER BY seq")
-        return _verify_chain((_to_record(r) for r in _iter_rows(cur)), cps, pub, anchor=None)
-
-
-def _verify_chain(
-    records: Iterable[Record],
-    cps: Sequence[Checkpoint],
-    pub: Ed25519PublicKey,
-    anchor: tuple[int, str | None] | None,
-) -> VerifyResult:
-    """The checks of docs/audit.md. `anchor` (seq, digest) is an export's chain predecessor;
-    without one, the chain starts at genesis or at a signed checkpoint (pruned prefix)."""
-    issues: list[tuple[int, str]] = []
-    valid: dict[int, list[Checkpoint]] = {}
-    any_at: set[int] = set()
-    for cp in cps:
-        any_at.add(cp.seq)
-        if cp.signature_ok(pub):
-            valid.setdefault(cp.seq, []).append(cp)
-        else:
-            issues.append((cp.seq, f"checkpoint at seq {cp.seq} has an invalid signature "
-                                   f"(key_id {cp.key_id})"))
-    signed_through: int | None = None
-
-    def check_cps_at(seq: int, digest: str) -> None:
-        nonlocal signed_through
-        for cp in valid.get(seq, ()):
-            if cp.digest != digest:
-                issues.append((seq, f"checkpoint at seq {seq} does not match the chain "
-                                    "(record or checkpoint altered)"))
-            else:
-                signed_through = seq
-
-    it = iter(records)
-    first = next(it, None)
-    count = 0
-    first_seq = last_seq = None
-    chain_issue: tuple[int, str] | None = None
-    if first is None:
-        if anchor is not None and anchor[1] is not None:
-            check_cps_at(anchor[0], anchor[1])
-        elif valid:
-            signed_through = max(valid)
-    else:
-        first_seq = first.seq
-        prev: str | None
-        if anchor is not None:
-            base, prev = anchor
-            if base == 0 and prev != GENESIS:
-                chain_issue = (1, "export anchor at seq 0 is not the genesis digest")
-            elif prev is None:
-                chain_issue = (first.seq, "export has no digest for the record before it")
-            else:
-                check_cps_at(base, prev)
-        elif first.seq == 1:
-            base, prev = 0, GENESIS
-        else:
-            base = first.seq - 1
-            at_base = valid.get(base)
-            if at_base:
-                prev = at_base[0].digest
-                check_cps_at(base, prev)
-            elif base in any_at:
-                # Its forged signature is already an issue at `base`; keep walking from it.
-                prev = next(cp.digest for cp in cps if cp.seq == base)
-            else:
-                lower = max((s for s in valid if s < first.seq), default=0)
-                prev = None
-                chain_issue = (
-                    lower + 1,
-                    f"records {lower + 1}..{base} are missing (records start at seq "
-                    f"{first.seq} but no signed checkpoint vouches for seq {base})",
-                )
-        expected = base + 1
-        if chain_issue is None and prev is not None:
-            for rec in _prepend(first, it):
-                if rec.seq != expected:
-                    if rec.seq < expected:
-                        chain_issue = (rec.seq, "record out of order or duplicated")
-                    elif rec.seq == expected + 1:
-                        chain_issue = (expected, f"record {expected} is missing (deleted)")
-                    else:
-                        chain_issue = (expected, f"records {expected}..{rec.seq - 1} are "
-                                                 "missing (deleted)")
-                    break
-                if record_digest(prev, rec.content()) != rec.digest:
-                    chain_issue = (rec.seq, "record does not match its digest "
-                                            "(edited, inserted or reordered)")
-                    break
-                check_cps_at(rec.seq, rec.digest)
-                prev = rec.digest
-                last_seq = rec.seq
-                expected += 1
-                count += 1
-            if chain_issue is None:
-                for seq in sorted(s for s in any_at if s >= expected):
-                    chain_issue = (expected, f"records from seq {expected} are missing: a "
-                                             f"checkpoint covers seq {seq} (log truncated)")
-                    break
-    if chain_issue is not None:
-        issues.append(chain_issue)
-    if issues:
-        bad_seq, reason = min(issues, key=lambda i: i[0])
-        return VerifyResult(False, bad_seq, reason, count, len(cps), first_seq, last_seq,
-                            signed_through)
-    return VerifyResult(True, None, "ok", count, len(cps), first_seq, last_seq, signed_through)
-
-
-def _prepend(first: Record, rest: Iterator[Record]) -> Iterator[Record]:
-    yield first
-    yield from rest
+        return verify_chain((_to_record(r) for r in _iter_rows(cur)), cps, pub, anchor=None)
 
 
 # --- pruning and export -------------------------------------------------------------------
 
 
-def prune(db: Database, before_seq: int, *, public_key: PublicKeyLike | None = None) -> int:
+def prune(
+    db: Database,
+    before_seq: int,
+    *,
+    public_key: PublicKeyLike | None = None,
+    shipped_through: int | None = None,
+) -> int:
     """Delete records up to the latest checkpoint at or below `before_seq`; how many went.
 
     Never past a checkpoint: the checkpoint pruned to must match its record's digest (and,
-    given `public_key`, carry a valid signature), so what remains still verifies.
+    given `public_key`, carry a valid signature), so what remains still verifies. On an
+    enrolled device `shipped_through` (what the controller acknowledged) caps it too: a
+    record the fleet has not received is never deleted.
     """
+    if shipped_through is not None:
+        before_seq = min(before_seq, shipped_through)
     pub = load_public_key(public_key) if public_key is not None else None
     with db.write_connection() as conn:
         cur: Any = conn.connection.cursor()
@@ -264,4 +164,4 @@ def verify_export(objects: Iterable[Mapping[str, Any]], public_key: PublicKeyLik
     if any(not isinstance(r.seq, int) for r in records):
         raise AuditError("export has a record without an integer seq")
     records.sort(key=lambda r: r.seq)
-    return _verify_chain(records, cps, pub, anchor=anchor)
+    return verify_chain(records, cps, pub, anchor=anchor)

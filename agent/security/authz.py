@@ -69,6 +69,7 @@ Permission = Literal[
     "models:write",
     "models:load",
     "device:read",
+    "device:manage",
     "audit:read",
     "audit:manage",
     "metrics:read",

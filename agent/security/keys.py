@@ -1,4 +1,5 @@
-"""The device's Ed25519 signing key: created once, kept 0600, used to sign audit checkpoints.
+"""The device's keys: the Ed25519 signing key (audit checkpoints; its key id is the device
+id) and the ECDSA P-256 TLS client key (the fleet link). Both created once, kept 0600.
 
 The private key lives in `<home>/keys/device-ed25519.pem` (PKCS8 PEM, unencrypted: the
 file mode is the protection, so a key file readable or writable by group or others is
@@ -6,7 +7,7 @@ refused). The public half is also written to `device-ed25519.pub.pem` (0644, tho
 directory stays 0700) so that it can be handed to auditors, who verify checkpoints without
 the private key. Key material is never logged; only paths and the key id are.
 
-Errors: the `TokenError`/`AuditError`/`DeviceKeyError` branches of `agent.errors`.
+Errors: `agent.errors.DeviceKeyError`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from agent.errors import DeviceKeyError
 # `cryptography` is imported where a key is used, not here: an idle daemon whose key
 # already exists signs nothing until its first audit checkpoint (~7 MB of RSS saved).
 if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
     from cryptography.hazmat.primitives.asymmetric.ed25519 import (
         Ed25519PrivateKey,
         Ed25519PublicKey,
@@ -31,14 +33,17 @@ if TYPE_CHECKING:
 __all__ = [
     "KEY_FILE",
     "PUBLIC_KEY_FILE",
+    "TLS_KEY_FILE",
     "DeviceKey",
     "DeviceKeyError",
     "LazyDeviceKey",
     "key_id_of",
     "load_device_public_key",
     "load_or_create_device_key",
+    "load_or_create_tls_key",
     "load_public_key",
     "open_device_key",
+    "tls_key_path",
     "verify",
 ]
 
@@ -46,6 +51,7 @@ log = logging.getLogger(__name__)
 
 KEY_DIR = "keys"
 KEY_FILE = "device-ed25519.pem"
+TLS_KEY_FILE = "device-tls-p256.pem"
 PUBLIC_KEY_FILE = "device-ed25519.pub.pem"
 _RAW_KEY_LEN = 32
 
@@ -170,6 +176,11 @@ def _create_key_file(path: Path) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+    _create_private_file(path, pem)
+
+
+def _create_private_file(path: Path, pem: bytes) -> None:
+    """Create `path` with `pem`, mode 0600, atomically; an existing file wins."""
     # Written under a private temporary name, then hard-linked into place: the key is never
     # world-readable, and a second process starting at the same moment either links first
     # or finds a complete file (link never overwrites).
@@ -184,11 +195,40 @@ def _create_key_file(path: Path) -> None:
         os.close(fd)
     try:
         os.link(tmp, path)
-        log.info("created device key %s", path)
+        log.info("created key %s", path)
     except FileExistsError:
         pass
     finally:
         tmp.unlink()
+
+
+def load_or_create_tls_key(home: Path) -> EllipticCurvePrivateKey:
+    """The device's TLS client key (ECDSA P-256: what every broker and cloud IoT service
+    accepts), created on first use; it never leaves the device, only CSRs do."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    kdir = _key_dir(home)
+    path = kdir / TLS_KEY_FILE
+    if not path.exists() and not path.is_symlink():
+        kdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        _create_private_file(path, pem)
+    try:
+        key = serialization.load_pem_private_key(_read_key_bytes(path), password=None)
+    except (ValueError, TypeError) as exc:
+        raise DeviceKeyError(f"TLS key {path} is not an unencrypted PKCS8 PEM key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
+        raise DeviceKeyError(f"TLS key {path} is not an ECDSA P-256 key")
+    return key
+
+
+def tls_key_path(home: Path) -> Path:
+    return _key_dir(home) / TLS_KEY_FILE
 
 
 def _read_private_key(path: Path) -> Ed25519PrivateKey:
