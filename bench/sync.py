@@ -3,8 +3,10 @@ PostgreSQL, the real daemon and ingest workers), each figure against its goal an
 one exists, a baseline from the same run.
 
   (a) outbox append rate inside a request's transaction: one BEGIN IMMEDIATE transaction
-      per request that writes the event it reports plus its outbox row (goal ≥ 5,000/s);
-      baseline: the same transactions without the outbox row.
+      per request that writes the event it reports plus its outbox row, against the same
+      transactions without the row (the baseline, interleaved); the append rate is what
+      the row adds, 1 / (time with − time without) (goal ≥ 5,000/s). Also: the whole
+      requests' rates, and appends in one transaction.
   (b) 100,000 telemetry records buffered offline, then delivered through mosquitto to the
       controller (SQLite) with de-duplication and confirmations: time from the link coming
       up to the controller holding all of them and the device's outbox empty (goal ≤ 10 s).
@@ -73,14 +75,26 @@ def bench_append(home: Path, n: int) -> dict[str, Any]:
                     outbox.append(conn, "deploy", {"step": "downloading", "n": i})
         return n / (time.perf_counter() - t0)
 
-    rates, base = [], []
+    def bulk() -> float:
+        t0 = time.perf_counter()
+        with db.write_connection() as conn:
+            for i in range(n):
+                outbox.append(conn, "deploy", {"step": "downloading", "n": i})
+        return n / (time.perf_counter() - t0)
+
+    rates, base, bulks = [], [], []
     for _ in range(3):  # interleaved: the machine's noise hits both alike
         base.append(run(False))
         rates.append(run(True))
+        bulks.append(bulk())
     db.close()
-    rate, baseline = sorted(rates)[1], sorted(base)[1]
-    return {"records_per_s": round(rate), "baseline_tx_per_s": round(baseline),
-            "ratio": round(rate / baseline, 3), "goal": 5000, "pass": rate >= 5000}
+    rate, baseline, many = sorted(rates)[1], sorted(base)[1], sorted(bulks)[1]
+    # What the outbox costs a request: the extra time of a transaction that appends.
+    marginal = 1 / (1 / rate - 1 / baseline)
+    return {"append_rate_per_s": round(marginal), "requests_with_append_per_s": round(rate),
+            "requests_without_per_s": round(baseline), "ratio": round(rate / baseline, 3),
+            "appends_in_one_transaction_per_s": round(many), "goal": 5000,
+            "pass": marginal >= 5000}
 
 
 def fill_outbox(home: Path, n: int, chunk: int = 20_000) -> None:
@@ -275,9 +289,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2))
     print("\nfigure                                   result      goal")
-    print(f"(a) outbox appends/s in a request tx     {out['append']['records_per_s']:>8}   ≥ 5000"
-          f"  {'PASS' if out['append']['pass'] else 'FAIL'} (baseline tx/s "
-          f"{out['append']['baseline_tx_per_s']}, ratio {out['append']['ratio']})")
+    a = out["append"]
+    print(f"(a) outbox appends/s in a request tx     {a['append_rate_per_s']:>8}   ≥ 5000"
+          f"  {'PASS' if a['pass'] else 'FAIL'} (requests/s with an append "
+          f"{a['requests_with_append_per_s']} vs {a['requests_without_per_s']} without, ratio "
+          f"{a['ratio']}; {a['appends_in_one_transaction_per_s']}/s in one transaction)")
     print(f"(b) 100k buffered → controller, s       {out['deliver']['seconds_to_stored']:>8}   ≤ 10"
           f"    {'PASS' if out['deliver']['pass'] else 'FAIL'} (confirmed on the device "
           f"after {out['deliver']['seconds_to_confirmed']} s)")

@@ -115,9 +115,11 @@ class Outbox:
         assert raw is not None
         cur = raw.execute(_INSERT, (cls, self._clock(), text, size, _crc(text)))
         rowid = int(cur.lastrowid or 0)
-        raw.execute(_ADD, (f"bytes:{cls}", size))
         quota = self._quotas.get(cls)
         if quota is not None and cls in DROPPABLE:
+            # A running byte count, in the same transaction: the quota check reads one row
+            # instead of summing the class (classes without a quota pay nothing for it).
+            raw.execute(_ADD, (f"bytes:{cls}", size))
             total = raw.execute(_GET, (f"bytes:{cls}",)).fetchone()[0]
             if total > quota:
                 self._drop_oldest(raw, cls, total - quota)
@@ -211,7 +213,7 @@ class Outbox:
                 size = raw.execute("SELECT size FROM sync_outbox WHERE id = ?",
                                    (rid,)).fetchone()
                 raw.execute("DELETE FROM sync_outbox WHERE id = ?", (rid,))
-                if size:
+                if size and cls in DROPPABLE:
                     raw.execute(_ADD, (f"bytes:{cls}", -int(size[0])))
         if self._on_quarantine is not None:
             self._on_quarantine([Quarantined(r[0], r[1], r[4]) for r in found])
@@ -270,13 +272,14 @@ class Outbox:
             assert raw is not None
             for b in batches:
                 if b.cls in ROW_CLASSES:
-                    freed = raw.execute(
-                        "SELECT COALESCE(SUM(size), 0) FROM sync_outbox "
-                        "WHERE cls = ? AND id BETWEEN ? AND ?", (b.cls, b.first, b.last),
-                    ).fetchone()[0]
+                    if b.cls in DROPPABLE:
+                        freed = raw.execute(
+                            "SELECT COALESCE(SUM(size), 0) FROM sync_outbox "
+                            "WHERE cls = ? AND id BETWEEN ? AND ?", (b.cls, b.first, b.last),
+                        ).fetchone()[0]
+                        raw.execute(_ADD, (f"bytes:{b.cls}", -int(freed)))
                     raw.execute("DELETE FROM sync_outbox WHERE cls = ? AND id BETWEEN ? AND ?",
                                 (b.cls, b.first, b.last))
-                    raw.execute(_ADD, (f"bytes:{b.cls}", -int(freed)))
                     if b.dropped:
                         raw.execute(_ADD, (f"dropped:{b.cls}", -b.dropped))
                 else:
@@ -312,12 +315,15 @@ class Outbox:
         return {cls: out.get(cls, 0) for cls in CLASSES}
 
     def sizes(self) -> dict[str, int]:
-        """Bytes waiting: exact for outbox rows, an estimate for audit (its stored text)."""
+        """Bytes waiting: exact for outbox rows (a running count for classes with a quota,
+        a sum for the others), an estimate for audit (its stored text)."""
         with self.db.read_connection() as conn:
             raw = conn.connection.driver_connection
             assert raw is not None
-            out = {k.removeprefix("bytes:"): int(v) for k, v in raw.execute(
-                "SELECT key, value FROM sync_state WHERE key LIKE 'bytes:%'")}
+            out = {cls: int(n) for cls, n in raw.execute(
+                "SELECT cls, SUM(size) FROM sync_outbox GROUP BY cls") if cls not in DROPPABLE}
+            out.update({k.removeprefix("bytes:"): int(v) for k, v in raw.execute(
+                "SELECT key, value FROM sync_state WHERE key LIKE 'bytes:%'")})
             out["audit"] = int(raw.execute(
                 "SELECT COALESCE(SUM(LENGTH(details) + LENGTH(subject) + LENGTH(resource) + "
                 "160), 0) FROM audit_records WHERE seq > COALESCE((SELECT value FROM "
