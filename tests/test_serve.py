@@ -154,10 +154,16 @@ def test_queue_overflow_gives_429_with_retry_after(home: Path) -> None:
         d.client() as c2,
         c1.stream("POST", "/v1/completions", json={"model": SMOL, **COUNT}) as r1,
     ):
-        first = next(r1.iter_lines())  # the model is now busy generating for c1
+        lines = r1.iter_lines()
+        first = next(lines)  # the model is now busy generating for c1
         assert first.startswith("data: ")
+        # The premise, checked rather than assumed: c1's generation is still in progress.
+        depth = d.metric("edge_agent_queue_depth", model=SMOL)
         r2 = c2.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 1})
-        assert r2.status_code == 429
+        rest = "".join(lines)
+        assert depth == 1, f"c1's generation was not running when c2 asked (depth {depth})"
+        assert '"finish_reason": "length"' in rest, rest[-300:]  # c1 ran to the end, unharmed
+        assert r2.status_code == 429, (r2.status_code, r2.text)
         assert int(r2.headers["Retry-After"]) >= 1
         assert r2.json()["error"]["code"] == "queue_full"
 

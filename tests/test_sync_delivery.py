@@ -70,8 +70,12 @@ def test_broker_killed_while_10000_records_are_produced(
 ) -> None:
     home = prepare_home(tmp_path / "device", {"smol": smollm2_gguf})
     dev = enroll_device(home, pki, controller)
+    # The reconnect backoff is capped low: the outage lasts as long as the producer runs
+    # (a minute on a slow runner), and an uncapped delay after it is not what is measured.
     d = linked_daemon(home, broker, EDGE_AGENT_SYNC__TELEMETRY_SECONDS="3600",
-                      EDGE_AGENT_SYNC__BATCH_RECORDS="200").start()
+                      EDGE_AGENT_SYNC__BATCH_RECORDS="200",
+                      EDGE_AGENT_SYNC__RECONNECT_MAX_SECONDS="5",
+                      EDGE_AGENT_SYNC__CONFIRM_TIMEOUT_SECONDS="15").start()
     try:
         wait_until(lambda: controller.device(dev).get("state") == "online", 30, "online")
         with d.client() as c:
@@ -96,7 +100,13 @@ def test_broker_killed_while_10000_records_are_produced(
             made = _device_telemetry_made(home)
             return made >= 4000 and _counts(controller, dev) == (_device_audit_head(home), made)
 
-        wait_until(everything, 120, f"all {head}+ audit and 4000+ telemetry at the controller")
+        try:
+            wait_until(everything, 180, f"all {head}+ audit and 4000+ telemetry at the controller")
+        except AssertionError as exc:
+            with d.client() as c:
+                sync = c.get("/agent/v1/sync").json()
+            raise AssertionError(f"{exc}; controller has {_counts(controller, dev)}, device "
+                                 f"made {_device_telemetry_made(home)}; link {sync}") from exc
         head = _device_audit_head(home)
         # Each record once; the controller's view (by id) is the device's order. Arrival
         # order can differ here: batches the broker dropped while no worker was subscribed
