@@ -33,6 +33,8 @@ from agent import __version__
 from agent.metrics import Metrics
 from agent.settings import Settings
 from agent.sync import enroll
+from agent.sync.deploy import DeployManager
+from agent.sync.deploy import Link as DeployLink
 from agent.sync.jobs import Jobs
 from agent.sync.mqtt import LinkConfig, LinkHandlers, MqttLink, Will, tls_context
 from agent.sync.outbox import CLASSES, Batch, Outbox, Quarantined
@@ -90,11 +92,13 @@ class SyncService(LinkHandlers):
         self.topics: Topics | None = None
         self.enrollment = enroll.status(settings.home)
         self.disabled: str | None = None
+        self.deploy: DeployManager | None = None  # set by the app: deployments ride the link
         self._wake = asyncio.Event()
         self._classes = {cls: _ClassState() for cls in CLASSES}
         self._flusher: asyncio.Task[None] | None = None
         self._tokens = 1.0
         self._refill = time.monotonic()
+        self._token_due: float | None = None  # seconds until the rate limit allows a message
         self._stopping = False
 
     # -- lifecycle --------------------------------------------------------------------
@@ -123,8 +127,17 @@ class SyncService(LinkHandlers):
         self.link = MqttLink(self._link_config(), asyncio.get_running_loop(), self)
         self.link.start()
         self._flusher = asyncio.create_task(self._flush_loop(), name="sync-flush")
+        if self.deploy is not None:
+            link = self.link
+            self.deploy.link = DeployLink(self.cfg.topic_prefix, self.topics.fleet,
+                                          link.subscribe, link.unsubscribe, self.wake,
+                                          self._reported_changed)
+            self.deploy.start()
 
     async def _stop_link(self) -> None:
+        if self.deploy is not None:
+            await self.deploy.stop()
+            self.deploy.link = None
         if self._flusher is not None:
             self._flusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -183,7 +196,7 @@ class SyncService(LinkHandlers):
             tls=tls,
             keepalive=self.cfg.keepalive_seconds,
             will=Will(self.topics("status"), self._status("offline")),
-            subscriptions=(self.topics("cmd"), self.topics("ack")),
+            subscriptions=(self.topics("cmd"), self.topics("ack"), self.topics("desired")),
             reconnect_min=self.cfg.reconnect_min_seconds,
             reconnect_max=self.cfg.reconnect_max_seconds,
         )
@@ -259,6 +272,10 @@ class SyncService(LinkHandlers):
         elif topic == self.topics("cmd"):
             asyncio.get_running_loop().create_task(self._command(payload, properties),
                                                    name="sync-command")
+        elif self.deploy is not None and topic == self.topics("desired"):
+            self.deploy.received(payload)
+        elif self.deploy is not None and "/_artifacts/" in topic:
+            self.deploy.chunk(topic, payload)
 
     # -- flushing ---------------------------------------------------------------------
 
@@ -278,7 +295,10 @@ class SyncService(LinkHandlers):
                 log.exception("outbox flush failed; retrying")
                 sent = 0
             if sent == 0:
-                await _wait(self._wake, 1.0)
+                # Nothing to send, or the rate limit is reached: sleep until woken, or until
+                # the next token (never a busy wait for it).
+                due, self._token_due = self._token_due, None
+                await _wait(self._wake, 1.0 if due is None else min(1.0, due))
             else:
                 await asyncio.sleep(0)  # yield: a long flush must not starve the loop
 
@@ -291,12 +311,14 @@ class SyncService(LinkHandlers):
             st = self._classes[cls]
             while (self._awaiting_puback() < self.cfg.max_inflight
                    and self._unconfirmed() < self.cfg.max_unconfirmed and link.connected):
-                if not self._take_token():
-                    return sent
                 batch = await asyncio.to_thread(self.outbox.batch, cls, st.after,
                                                 self.cfg.batch_records)
                 if batch is None:
                     break
+                # A token only for a message that goes out: a class with nothing to send
+                # must not use up the classes after it (it starved telemetry once).
+                if not self._take_token():
+                    return sent
                 if cls == "telemetry":
                     if st.drops_in_flight:
                         batch.dropped = 0
@@ -347,7 +369,7 @@ class SyncService(LinkHandlers):
         if self._tokens >= 1.0:
             self._tokens -= 1.0
             return True
-        self._wake.set()  # come back once a token has accrued
+        self._token_due = (1.0 - self._tokens) / rate
         return False
 
     async def _flush_tick(self) -> None:
@@ -400,6 +422,10 @@ class SyncService(LinkHandlers):
             "models": self.parts.models(), "policy_hashes": self.parts.policy_hashes(),
             "enrollment": self.enrollment.as_json(), "sync": self.status(brief=True),
         }
+
+    def _reported_changed(self) -> None:
+        """Models or policies changed (a deployment): publish the reported state again."""
+        asyncio.get_running_loop().create_task(self._publish_reported(), name="sync-reported")
 
     async def _publish_reported(self) -> None:
         body = await asyncio.to_thread(self.reported)
