@@ -52,6 +52,16 @@ typecheck:
 imports:
 	$(VENV)/bin/lint-imports
 
+# The units as systemd reads them: verify both, and print the service's exposure rating
+# (systemd-analyze security; goal <= 2.0, tests/test_systemd_units.py enforces it).
+.PHONY: units
+check: units
+units:
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && cp systemd/edge-agent.socket "$$tmp"/ && \
+	  sed 's#^ExecStart=[^ ]*#ExecStart=$(CURDIR)/$(VENV)/bin/edge-agent#' systemd/edge-agent.service > "$$tmp"/edge-agent.service && \
+	  cd "$$tmp" && SYSTEMD_UNIT_PATH="$$tmp:" systemd-analyze verify --man=no ./edge-agent.socket ./edge-agent.service && \
+	  SYSTEMD_UNIT_PATH="$$tmp:" systemd-analyze security --offline=true --no-pager ./edge-agent.service | tail -n 1
+
 bench: setup
 	$(PY) bench/selection.py
 	$(PY) bench/serve.py
@@ -67,6 +77,7 @@ onnx-smollm2: setup
 # Re-pin every dependency from the current environment (run after changing pyproject).
 lock:
 	$(PY) -m pip freeze --exclude-editable | grep -v '^edge-agent' > requirements.lock
+	$(PY) scripts/runtime_lock.py
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# Build the wheelhouse the Ansible role installs devices from (no index on the device):
+#   every pin of requirements-runtime.lock as a wheel for THIS machine's CPU architecture
+#   and Python, llama-cpp-python included (compiled here once, ~11 min on 2 cores, or taken
+#   from pip's wheel cache), the controller's PostgreSQL driver (pinned in
+#   requirements.lock), and edge-agent's own wheel (pure Python).
+#
+#   scripts/build-wheelhouse.sh [OUT]      default OUT: var/wheelhouse/$(uname -m)
+#
+# It also writes OUT.tar (reproducible: sorted, fixed times and owners) and OUT.tar.sha256:
+# the role sends that one file to a device, and only when its checksum differs from the one
+# the device last unpacked.
+#
+# Run it on a machine of the devices' architecture and Python minor version (for another
+# architecture, ansible/playbooks/wheelhouse.yml runs it on a build host of that
+# architecture and fetches the result). The third-party wheels are rebuilt only when the
+# lock changes (OUT/.lock-sha256); edge-agent's wheel is rebuilt every time, reproducibly
+# (SOURCE_DATE_EPOCH), so an unchanged tree gives a byte-identical wheel and the role
+# reinstalls the agent only when its code changed.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+py=${PYTHON:-$root/.venv/bin/python}
+out=${1:-$root/var/wheelhouse/$(uname -m)}
+lock=$root/requirements-runtime.lock
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+
+# The controller's extra: psycopg for a PostgreSQL database (pins from the full lock).
+grep -iE '^psycopg(-binary)?==' "$root/requirements.lock" > "$out/controller.lock"
+cp "$lock" "$out/requirements-runtime.lock"
+
+want=$(cat "$lock" "$out/controller.lock" | sha256sum | cut -d' ' -f1)
+if [[ "$(cat "$out/.lock-sha256" 2>/dev/null)" != "$want" ]]; then
+    echo "build-wheelhouse: third-party wheels for $(uname -m) into $out" >&2
+    find "$out" -maxdepth 1 -name '*.whl' ! -name 'edge_agent-*' -delete
+    "$py" -m pip wheel --quiet --no-deps --wheel-dir "$out" \
+        -r "$out/requirements-runtime.lock" -r "$out/controller.lock"
+    echo "$want" > "$out/.lock-sha256"
+fi
+
+export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-315532800}
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+"$py" -m pip wheel --quiet --no-deps --no-build-isolation --wheel-dir "$tmp" "$root"
+for wheel in "$tmp"/edge_agent-*.whl; do
+    name=$(basename "$wheel")
+    if ! cmp -s "$wheel" "$out/$name"; then
+        find "$out" -maxdepth 1 -name 'edge_agent-*.whl' -delete
+        cp "$wheel" "$out/$name"
+    fi
+done
+# One archive for the role to send: byte-identical as long as the wheels are.
+tar --sort=name --mtime=@"$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
+    --exclude=./.lock-sha256 -C "$out" -cf "$tmp/wheelhouse.tar" .
+if ! cmp -s "$tmp/wheelhouse.tar" "$out.tar"; then
+    mv "$tmp/wheelhouse.tar" "$out.tar"
+fi
+sha256sum "$out.tar" | cut -d' ' -f1 > "$out.tar.sha256"
+echo "$out"
