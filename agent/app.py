@@ -19,7 +19,7 @@ from agent.api.routes import PUBLIC, add_routes, route_spec
 from agent.errors import SettingsError
 from agent.metrics import Metrics
 from agent.runtime.autobench import AutoBench
-from agent.runtime.resolver import ModelResolver
+from agent.runtime.resolver import ModelResolver, selection_policy_path
 from agent.runtime.scheduler import Scheduler
 from agent.security.audit import AuditLog, audit_recorder
 from agent.security.authz import PolicyStore, configured_policy_path, daemon_uid
@@ -28,6 +28,7 @@ from agent.security.service import Security
 from agent.security.tokens import TokenStore
 from agent.settings import Settings
 from agent.state import STATE, AgentState
+from agent.sync.deploy import DeployManager
 from agent.sync.outbox import Outbox, Quarantined
 from agent.sync.service import SyncParts, SyncService, file_sha256
 from localdb import Database, open_database
@@ -150,6 +151,7 @@ def _sync_service(
     def models() -> list[dict[str, Any]]:
         active = {m.alias: m.variant for m in scheduler.loaded()}
         return [{"alias": m.alias, "task": m.task, "active": active.get(m.alias),
+                 "pinned": m.active_variant,
                  "variants": [{"name": v.name, "format": v.format,
                                "quantization": v.quantization, "sha256": v.sha256}
                               for v in m.variants]} for m in registry.list_models()]
@@ -183,12 +185,14 @@ def _sync_service(
         models=models,
         hardware=hardware,
         policy_hashes=lambda: {"rbac": security.policy.digest,
-                               "selection": file_sha256(settings.selection.policy_file
+                               "selection": file_sha256(selection_policy_path(settings)
                                                         or DEFAULT_SELECTION_POLICY)},
         audit=audit,
         gc=registry.gc,
     )
     service = SyncService(settings, outbox, metrics, parts)
+    service.deploy = DeployManager(settings, db, registry, resolver, scheduler, security,
+                                   outbox, audit)
     return service
 
 

@@ -179,7 +179,13 @@ class SelectionSettings(_Section):
 
     policy_file: Path | None = Field(
         default=None,
-        description="Selection policy YAML; default: the packaged policies/selection.yaml.",
+        description="Selection policy YAML; default: one a deployment installed, else the "
+        "packaged policies/selection.yaml.",
+    )
+    hardware_root: Path | None = Field(
+        default=None,
+        description="Judge variants against the hardware captured under this directory "
+        "instead of this device's (simulation and tests of other devices' choices).",
     )
 
 
@@ -187,7 +193,8 @@ class SecuritySettings(_Section):
     """Access control and audit."""
 
     rbac_file: Path | None = Field(
-        default=None, description="RBAC policy YAML; default: the packaged policies/rbac.yaml."
+        default=None, description="RBAC policy YAML; default: one a deployment installed, "
+        "else the packaged policies/rbac.yaml."
     )
     audit_checkpoint_every: int = Field(
         default=1000, ge=1, description="Sign an audit checkpoint every this many records."
@@ -348,13 +355,67 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
         os.environ.update({k: v for k, v in environ.items() if k.startswith(ENV_PREFIX)})
     try:
         # "config" selects the file; it is not itself a setting.
-        return Settings(**data)
+        settings = Settings(**data)
+        overlay = _deployed_overlay(settings.home)
+        if overlay:
+            merged = _merge(data, overlay)
+            try:
+                settings = Settings(**merged)
+            except ValidationError as exc:
+                # A deployed value that does not validate here must not stop the device
+                # from starting: it keeps its local settings and says why.
+                import logging
+
+                logging.getLogger(__name__).warning(
+                    "ignoring deployed settings: %s", _describe(exc, path, env))
+        return settings
     except ValidationError as exc:
         raise SettingsError(_describe(exc, path, env)) from exc
     finally:
         if saved is not None:
             os.environ.clear()
             os.environ.update(saved)
+
+
+DEPLOYED_SETTINGS = "deployed-settings.json"
+
+
+def _deployed_overlay(home: Path) -> dict[str, Any]:
+    """Settings a signed deployment changed (agent/sync/deploy.py writes the file after the
+    signature and the allow-list checks): above the TOML file, below the environment.
+    Keys outside the allow-list are ignored here too, so a hand-edited file cannot widen it.
+    """
+    import json
+    import logging
+
+    from fleet.deploy import REMOTE_SETTINGS
+
+    try:
+        raw = json.loads((home / DEPLOYED_SETTINGS).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        logging.getLogger(__name__).warning("ignoring unreadable deployed settings: %s", exc)
+        return {}
+    if not isinstance(raw, dict):
+        return {}
+    env = os.environ
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        env_name = ENV_PREFIX + ENV_NESTED.join(p.upper() for p in str(key).split("."))
+        if key in REMOTE_SETTINGS and env_name not in env:
+            out[key] = value
+    return out
+
+
+def _merge(data: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for key, value in overlay.items():
+        section, _, leaf = key.partition(".")
+        node = merged.setdefault(section, {})
+        if isinstance(node, dict):
+            node[leaf] = value
+    return merged
 
 
 def _describe(exc: ValidationError, path: Path | None, env: Mapping[str, str]) -> str:

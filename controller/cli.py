@@ -28,7 +28,7 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
-        except (PkiError, ValueError, OSError) as exc:
+        except (PkiError, ValueError, OSError) as exc:  # DeployError is a ValueError
             _fail(str(exc))
 
 
@@ -44,6 +44,14 @@ def _store() -> Any:
     from controller.store import FleetStore
 
     return FleetStore(open_engine(_settings().url))
+
+
+def _deployer() -> Any:
+    from controller.db import open_engine
+    from controller.deploy import Deployer
+
+    s = _settings()
+    return Deployer(s, open_engine(s.url))
 
 
 def _emit(data: Any) -> None:
@@ -116,7 +124,8 @@ def broker_config(dns: tuple[str, ...], ip: tuple[str, ...], port: int, prefix: 
     ca.write_bytes((home / CA_CERT).read_bytes())
     acl = out / "acl"
     acl.write_text(f"user controller\ntopic readwrite {prefix}/#\n\n"
-                   f"pattern readwrite {prefix}/+/%u/#\n")
+                   f"pattern readwrite {prefix}/+/%u/#\n"
+                   f"pattern read {prefix}/+/_artifacts/#\n")
     bind = ip[0] if ip else "0.0.0.0"  # noqa: S104 - the operator names the interface
     import getpass
 
@@ -156,17 +165,42 @@ def device() -> None:
 @click.option("--days", type=click.IntRange(1, 3650), default=365, show_default=True)
 @click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Where to write the certificate (default: <device>.pem beside the CSR).")
-def approve(csr: Path, days: int, out: Path | None) -> None:
+@click.option("--group", "groups", multiple=True, help="Put the device in this group (repeat).")
+def approve(csr: Path, days: int, out: Path | None, groups: tuple[str, ...]) -> None:
     """Sign a device's CSR and record the device (and the audit key it carries)."""
     s = _settings()
     approved = FleetKeys(s.home).approve(csr.read_bytes(), days=days)
     target = out or csr.with_name(f"{approved.device_id}.pem")
     target.write_bytes(approved.cert_pem)
     _store().add_device(approved)
+    if groups:
+        _deployer().set_groups(approved.device_id, list(groups))
     click.echo(f"approved {approved.device_id} in fleet {approved.fleet} until "
                f"{approved.not_after:%Y-%m-%d}; on the device run:")
     click.echo(f"  edge-agent device install-cert {target} --ca {s.home / CA_CERT} "
                f"--signing-key {s.home / SIGNING_PUB}")
+
+
+@device.command("group")
+@click.argument("device_id")
+@click.argument("groups", nargs=-1, required=True)
+@click.option("--replace", is_flag=True, help="Leave every other group.")
+def device_group(device_id: str, groups: tuple[str, ...], replace: bool) -> None:
+    """Put a device in groups (deployments target groups with --group)."""
+    now = _deployer().set_groups(device_id, list(groups), replace=replace)
+    click.echo(f"{device_id}: {', '.join(now)}")
+
+
+@device.command("groups")
+@click.option("--json", "as_json", is_flag=True)
+def device_groups(as_json: bool) -> None:
+    """Every group and its devices."""
+    groups = _deployer().groups()
+    if as_json:
+        _emit(groups)
+        return
+    for g, devices in groups.items():
+        click.echo(f"{g}: {' '.join(devices)}")
 
 
 # -- fleet ------------------------------------------------------------------------------
@@ -194,6 +228,9 @@ def fleet_status(as_json: bool, wait_for: str | None, timeout: float) -> None:
             _fail(f"{wait_for} is not online after {timeout:g} s")
         time.sleep(0.5)  # polling the controller's database, which the workers update
     rows = store.fleet_status()
+    deployments = _deployer().latest()
+    for r in rows:
+        r["deployment"] = deployments.get(r["device"])
     if as_json:
         _emit(rows)
         return
@@ -201,13 +238,16 @@ def fleet_status(as_json: bool, wait_for: str | None, timeout: float) -> None:
         click.echo("no devices approved")
         return
     now = time.time()
-    click.echo(f"{'DEVICE':<18} {'STATE':<8} {'SEEN':>8} {'VERSION':<8} {'BACKLOG':<20} MODELS")
+    click.echo(f"{'DEVICE':<18} {'STATE':<8} {'SEEN':>8} {'VERSION':<8} {'BACKLOG':<20} "
+               f"{'MODELS':<24} DEPLOYMENT")
     for r in rows:
         seen = f"{now - r['last_seen']:.0f}s" if r["last_seen"] else "never"
         backlog = ",".join(f"{k}={v}" for k, v in (r["backlog"] or {}).items() if v) or "-"
+        dep = r["deployment"]
+        where = f"{dep['deployment']} v{dep['version']} {dep['state']}" if dep else "-"
         click.echo(f"{r['device']:<18} {r['state']:<8} {seen:>8} "
                    f"{r['agent_version'] or '-':<8} {backlog:<20} "
-                   f"{','.join(m or '?' for m in r['models']) or '-'}")
+                   f"{','.join(m or '?' for m in r['models']) or '-':<24} {where}")
 
 
 @main.group(cls=_Group)
@@ -254,6 +294,219 @@ def audit_verify(device_id: str, as_json: bool) -> None:
     else:
         click.echo(result.line())
     if not result.ok:
+        sys.exit(1)
+
+
+# -- artifacts and deployments -----------------------------------------------------------
+
+
+@main.group(cls=_Group)
+def artifacts() -> None:
+    """Model files devices download (HTTPS) or receive in chunks (MQTT)."""
+
+
+@artifacts.command("add")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.option("--model", "alias", required=True, help="The model alias devices serve it as.")
+@click.option("--name", default=None, help="Variant name (default: FORMAT-QUANT-TARGET).")
+@click.option("--task", type=click.Choice(["chat", "completion", "embedding"]), default="chat",
+              show_default=True)
+@click.option("--quantization", default=None, help="Default: read from the file name.")
+@click.option("--target", default="cpu", show_default=True,
+              help="Device class it runs on: cpu, cuda, rocm, vulkan, npu, ...")
+@click.option("--format", "fmt", type=click.Choice(["gguf", "onnx"]), default=None)
+@click.option("--json", "as_json", is_flag=True)
+def artifacts_add(file: Path, alias: str, name: str | None, task: str, quantization: str | None,
+                  target: str, fmt: str | None, as_json: bool) -> None:
+    """Copy a model file into the artifact directory and record it as a variant."""
+    row = _deployer().add_artifact(file, alias=alias, name=name, task=task,
+                                   quantization=quantization, target=target, fmt=fmt)
+    if as_json:
+        _emit(row)
+    else:
+        click.echo(f"{alias}/{row['name']}: {row['file']} {row['size']} bytes sha256 "
+                   f"{row['sha256']}")
+
+
+@artifacts.command("list")
+@click.option("--json", "as_json", is_flag=True)
+def artifacts_list(as_json: bool) -> None:
+    """Every recorded variant."""
+    rows = _deployer().artifacts()
+    if as_json:
+        _emit(rows)
+        return
+    for r in rows:
+        where = f"mqtt:{r['published_chunk_size']}" if r["published_chunk_size"] else "https"
+        click.echo(f"{r['alias']:<20} {r['name']:<24} {r['quantization']:<8} {r['target']:<6} "
+                   f"{r['size']:>12} {r['sha256'][:12]} {where}")
+
+
+@artifacts.command("serve")
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False, exists=True),
+                required=False)
+@click.option("--host", default="0.0.0.0", show_default=True)  # noqa: S104 - operator's choice
+@click.option("--port", type=click.IntRange(1, 65535), default=8443, show_default=True)
+@click.option("--dns", multiple=True, help="Host name devices use (repeat); for the cert.")
+@click.option("--ip", multiple=True, help="IP address devices use (repeat); for the cert.")
+def artifacts_serve(directory: Path | None, host: str, port: int, dns: tuple[str, ...],
+                    ip: tuple[str, ...]) -> None:
+    """Serve DIRECTORY (default: the artifact directory) over HTTPS with Range, to devices
+    holding a fleet certificate, until SIGTERM."""
+    import signal
+    import threading
+
+    from controller.artifacts import make_server
+    from controller.pki import CA_CERT
+
+    s = _settings()
+    folder = directory or _deployer().artifact_dir
+    if not dns and not ip:
+        _fail("give at least one --dns or --ip (the names devices reach this server by)", 2)
+    cert, key = FleetKeys(s.home).server_cert(list(dns), list(ip))
+    crt, k = write_pair(s.home, "artifact-server", cert, key)
+    server = make_server(folder, host, port, crt, k, s.home / CA_CERT)
+    signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=server.shutdown).start())
+    click.echo(f"serving {folder} on https://{host}:{server.server_address[1]}", err=True)
+    try:
+        server.serve_forever()
+    finally:
+        server.server_close()
+
+
+@artifacts.command("publish")
+@click.argument("ref")
+@click.option("--chunk-size", type=click.IntRange(4096, 16 << 20), default=1 << 20,
+              show_default=True, help="Bytes per chunk message.")
+def artifacts_publish(ref: str, chunk_size: int) -> None:
+    """Put an artifact on the broker (retained, in numbered chunks with a manifest of their
+    sha256), for devices whose only link is the broker. REF: sha256 prefix or ALIAS/NAME."""
+    from controller.deploy import Publisher, publish_artifact
+
+    s = _settings()
+    dep = _deployer()
+    row = dep.artifact(ref)
+    fleet_name = FleetKeys(s.home).fleet
+    t0 = time.monotonic()
+    with Publisher(s) as pub:
+        m = publish_artifact(pub, s.topic_prefix, fleet_name, dep.artifact_dir / row["file"],
+                             chunk_size)
+    if m.sha256 != row["sha256"]:
+        _fail(f"the file of {ref} changed on disk: sha256 {m.sha256}, recorded {row['sha256']}")
+    dep.mark_published(m.sha256, chunk_size)
+    click.echo(f"published {row['alias']}/{row['name']}: {len(m.chunks)} chunks of "
+               f"{chunk_size} bytes in {time.monotonic() - t0:.1f}s")
+
+
+@main.group(cls=_Group)
+def deploy() -> None:
+    """Signed deployments of models, policies and settings."""
+
+
+@deploy.command("create")
+@click.option("--model", "models", multiple=True, help="Model alias to deploy (repeat).")
+@click.option("--policy", "policies", multiple=True, metavar="[KIND=]FILE",
+              help="rbac.yaml or selection.yaml content to install (repeat).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=JSON",
+              help="A remotely changeable agent setting (repeat), e.g. runtime.queue_size=32.")
+@click.option("--group", default=None)
+@click.option("--device", "device_id", default=None)
+@click.option("--all", "everyone", is_flag=True)
+@click.option("--mqtt", is_flag=True, help="Devices fetch over the broker (artifacts publish).")
+@click.option("--pin", "pins", multiple=True, metavar="ALIAS/VARIANT",
+              help="Also install this variant whatever selection says (repeat).")
+@click.option("--window", "windows", multiple=True, metavar="HH:MM-HH:MM",
+              help="Large downloads only in this local-time window (repeat).")
+@click.option("--bandwidth", type=click.IntRange(1), default=None, help="Bytes/s cap per device.")
+@click.option("--disk-reserve", type=click.IntRange(0), default=None,
+              help="Bytes of disk a device keeps free.")
+@click.option("--probation", type=float, default=None, help="Seconds a new variant's failures "
+              "roll it back.")
+@click.option("--smoke-prompt", default=None)
+@click.option("--smoke-seconds", type=float, default=None)
+@click.option("--json", "as_json", is_flag=True)
+def deploy_create(models: tuple[str, ...], policies: tuple[str, ...], sets: tuple[str, ...],
+                  group: str | None, device_id: str | None, everyone: bool, mqtt: bool,
+                  pins: tuple[str, ...], windows: tuple[str, ...], bandwidth: int | None,
+                  disk_reserve: int | None, probation: float | None,
+                  smoke_prompt: str | None, smoke_seconds: float | None,
+                  as_json: bool) -> None:
+    """Sign a desired-state document for each targeted device and publish it (retained)."""
+    from controller.deploy import Publisher, read_policy
+    from fleet.deploy import Limits, Window
+
+    s = _settings()
+    dep = _deployer()
+    pinned: dict[str, list[str]] = {}
+    for p in pins:
+        alias, _, name = p.partition("/")
+        pinned.setdefault(alias, []).append(name)
+    docs = [dep.model_doc(a, mqtt=mqtt, pin=pinned.get(a, []), smoke_prompt=smoke_prompt,
+                          smoke_seconds=smoke_seconds) for a in models]
+    policy_texts = dict(read_policy(p) for p in policies)
+    settings: dict[str, Any] = {}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(f"--set wants KEY=VALUE, got {item!r}", 2)
+        try:
+            settings[key] = json.loads(value)
+        except ValueError:
+            settings[key] = value
+    limits: dict[str, Any] = {}
+    if bandwidth is not None:
+        limits["bandwidth_bytes_per_s"] = bandwidth
+    if disk_reserve is not None:
+        limits["disk_reserve_bytes"] = disk_reserve
+    if probation is not None:
+        limits["probation_seconds"] = probation
+    wins = []
+    for w in windows:
+        start, _, end = w.partition("-")
+        wins.append(Window(start=start, end=end))
+    name, items = dep.create(models=docs, policies=policy_texts, settings=settings,
+                             windows=wins, limits=Limits(**limits), group=group,
+                             device=device_id, everyone=everyone)
+    with Publisher(s) as pub:
+        pub.publish([(i.topic, i.payload) for i in items])
+    dep.published(name, [i.device for i in items])
+    if as_json:
+        _emit({"deployment": name, "devices": {i.device: i.version for i in items}})
+    else:
+        click.echo(f"deployment {name}: signed and published to {len(items)} device(s): "
+                   + ", ".join(f"{i.device} (v{i.version})" for i in items))
+
+
+@deploy.command("status")
+@click.argument("deployment")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--wait", is_flag=True, help="Until every device is done (active, failed, "
+              "rolled back or rejected); exit 1 after --timeout or if any is not active.")
+@click.option("--timeout", type=float, default=600.0, show_default=True)
+def deploy_status(deployment: str, as_json: bool, wait: bool, timeout: float) -> None:
+    """Where each device of a deployment is, per model, with reasons."""
+    dep = _deployer()
+    deadline = time.monotonic() + timeout
+    st = dep.status(deployment)
+    while wait and any(d["state"] not in ("active", "failed", "rolled-back", "rejected")
+                       for d in st["devices"]):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)  # polling the controller's database, which the workers update
+        st = dep.status(deployment)
+    if as_json:
+        _emit(st)
+    else:
+        click.echo(f"deployment {st['deployment']} ({st['selector']})")
+        for d in st["devices"]:
+            click.echo(f"  {d['device']} v{d['version']}: {d['state']}")
+            for alias, step in d["models"].items():
+                pct = f" {step['percent']:.0f}%" if step["percent"] is not None else ""
+                why = f" - {step['reason']}" if step["reason"] else ""
+                click.echo(f"    {alias} {step['variant'] or '-'}: {step['step']}{pct}{why}")
+            for step in d["policies"]:
+                click.echo(f"    {step['step']}: {step['reason']}")
+    if wait and any(d["state"] != "active" for d in st["devices"]):
         sys.exit(1)
 
 

@@ -33,6 +33,12 @@ class ControllerSettings(BaseSettings):
         default=200, ge=1, description="Most messages stored in one database transaction "
         "(fewer when no more are waiting); acknowledged only after it commits.")
 
+    artifact_url: str | None = Field(
+        default=None, description="Base https:// URL of `artifacts serve` as devices reach it "
+        "(e.g. https://controller.example:8443); deployments name each file under it.")
+    artifact_dir: Path | None = Field(default=None, description="Where `artifacts add` keeps "
+                                      "model files; default <home>/artifacts.")
+
     @property
     def url(self) -> str:
         return self.database_url or f"sqlite:///{self.home / 'controller.db'}"

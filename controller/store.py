@@ -23,6 +23,7 @@ from controller.tables import (
     AuditCheckpoint,
     AuditConflict,
     AuditRecord,
+    DeployStep,
     Device,
     Event,
     Ingested,
@@ -192,6 +193,15 @@ class FleetStore:
                          for r in rows if stored.get(r["seq"], r["digest"]) != r["digest"]]
             insert_ignore(conn, _t(AuditConflict), conflicts,
                           ["device_id", "seq", "received_digest"])
+        return len(rows)
+
+    def _deploy(self, conn: Connection, device: str, msg: m.DeployBatch) -> int:
+        rows = [{"device_id": device, "record_id": r.id, "deployment": r.status.deployment,
+                 "version": r.status.version, "step": r.status.step, "model": r.status.model,
+                 "variant": r.status.variant, "percent": r.status.percent,
+                 "reason": r.status.reason, "bytes_moved": r.status.bytes_moved,
+                 "time": r.status.time} for r in msg.records]
+        insert_ignore(conn, _t(DeployStep), rows, ["device_id", "record_id"])
         return len(rows)
 
     def _response(self, conn: Connection, device: str, msg: m.CommandResult) -> int:

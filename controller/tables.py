@@ -130,3 +130,81 @@ class Ingested(Base):
     kind: Mapped[str] = mapped_column(String(32))
     messages: Mapped[int] = mapped_column(BigInteger, default=0)
     records: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+# -- deployments ------------------------------------------------------------------------
+
+
+class Artifact(Base):
+    """A model file the controller can deploy: one variant of one model alias."""
+
+    __tablename__ = "artifacts"
+    __table_args__ = (UniqueConstraint("alias", "name", name="uq_artifact_variant"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    alias: Mapped[str] = mapped_column(String(64), index=True)
+    name: Mapped[str] = mapped_column(String(64))  # the variant's name
+    task: Mapped[str] = mapped_column(String(16))
+    format: Mapped[str] = mapped_column(String(8))
+    quantization: Mapped[str] = mapped_column(String(16))
+    target: Mapped[str] = mapped_column(String(32))
+    file: Mapped[str] = mapped_column(String(64))  # name under the artifact directory
+    size: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    added: Mapped[float] = mapped_column(Float)
+    published_chunk_size: Mapped[int | None] = mapped_column(Integer)  # on the broker if set
+
+
+class DeviceGroup(Base):
+    """Group membership (`device approve --group`, `device group`)."""
+
+    __tablename__ = "device_groups"
+
+    device_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    group: Mapped[str] = mapped_column("group_name", String(64), primary_key=True)
+
+
+class Deployment(Base):
+    """What an operator asked for once: `deploy create`."""
+
+    __tablename__ = "deployments"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # also the name devices see
+    created: Mapped[float] = mapped_column(Float)
+    selector: Mapped[str] = mapped_column(String(128))  # group:G | device:D | all
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)  # models, policies, settings, limits
+
+
+class DeploymentTarget(Base):
+    """The signed document one device of a deployment got; its version only increases."""
+
+    __tablename__ = "deployment_targets"
+    __table_args__ = (UniqueConstraint("device_id", "version", name="uq_target_version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    deployment: Mapped[str] = mapped_column(String(64), index=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    document: Mapped[str] = mapped_column(Text)  # the signed envelope, as published
+    published: Mapped[float | None] = mapped_column(Float)
+
+
+class DeployStep(Base):
+    """One status step a device reported (idempotent by the device's own record id)."""
+
+    __tablename__ = "deploy_steps"
+    __table_args__ = (UniqueConstraint("device_id", "record_id", name="uq_deploy_record"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"),
+                                    primary_key=True, autoincrement=True)
+    device_id: Mapped[str] = mapped_column(String(64), index=True)
+    record_id: Mapped[int] = mapped_column(BigInteger)
+    deployment: Mapped[str] = mapped_column(String(64), index=True)
+    version: Mapped[int] = mapped_column(BigInteger)
+    step: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str | None] = mapped_column(String(64))
+    variant: Mapped[str | None] = mapped_column(String(64))
+    percent: Mapped[float | None] = mapped_column(Float)
+    reason: Mapped[str | None] = mapped_column(Text)
+    bytes_moved: Mapped[int | None] = mapped_column(BigInteger)
+    time: Mapped[float] = mapped_column(Float)

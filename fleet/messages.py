@@ -15,6 +15,8 @@ from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fleet.deploy import DeployStatus
+
 PROTOCOL_VERSION: Final = 1
 MAX_BATCH: Final = 10_000  # records per message, whatever the sender says
 
@@ -162,6 +164,14 @@ class AuditBatch(_Message):
     checkpoints: list[AuditCheckpoint] = Field(default_factory=list, max_length=MAX_BATCH)
 
 
+class DeployRecordMsg(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    id: int = Field(ge=1, description="Outbox id: unique per device, never reused.")
+    time: float
+    status: DeployStatus
+
+
 class Reported(_Message):
     """The device's reported state, retained on `<device>/reported`."""
 
@@ -195,6 +205,13 @@ class CommandResult(_Message):
     error: Text | None = None
 
 
+class DeployBatch(_Message):
+    """Deployment status steps, in order (see fleet.deploy.DeployStatus)."""
+
+    device: Name
+    records: list[DeployRecordMsg] = Field(max_length=MAX_BATCH)
+
+
 MESSAGES: Final[dict[str, type[_Message]]] = {
     "status": Status,
     "heartbeat": Heartbeat,
@@ -202,6 +219,7 @@ MESSAGES: Final[dict[str, type[_Message]]] = {
     "events": EventBatch,
     "audit": AuditBatch,
     "reported": Reported,
+    "deploy": DeployBatch,
     "cmd": Command,
     "response": CommandResult,
 }

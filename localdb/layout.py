@@ -30,6 +30,17 @@ class StateDir:
         return self.home / "registry.lock"
 
     @property
+    def policies(self) -> Path:
+        """Policies a deployment installed (rbac.yaml, selection.yaml); they take the place
+        of the packaged ones unless the settings name files explicitly."""
+        return self.home / "policies"
+
+    @property
+    def downloads(self) -> Path:
+        """Partial downloads of deployments, kept across restarts to resume."""
+        return self.home / "downloads"
+
+    @property
     def keys(self) -> Path:
         """Device keys (0700)."""
         return self.home / "keys"

@@ -96,6 +96,7 @@ class ModelInfo(BaseModel):
     source: str
     created_at: datetime
     variants: list[VariantInfo]
+    active_variant: str | None = None
 
 
 class EventInfo(BaseModel):
@@ -151,6 +152,7 @@ def _model_info(m: Model) -> ModelInfo:
         source=m.source,
         created_at=m.created_at,
         variants=[_variant_info(v) for v in m.variants],
+        active_variant=m.active_variant,
     )
 
 
@@ -372,9 +374,11 @@ class Registry:
         family: str | None = None,
         license: str | None = None,
         source: str = "import",
+        variant: tuple[str, str] | None = None,
     ) -> ImportResult:
         """Verify a model file (or an ONNX model folder), store it by content and record
-        it; a repeat is a no-op."""
+        it; a repeat is a no-op. `variant` (name, target) names it as a deployment does;
+        by default the name is `<format>-<quantization>-cpu`."""
         if path.is_dir():
             main, side, extra = self._check_dir(path)
             meta, alias = self._check_file(main, alias, task or extra.task,
@@ -386,7 +390,7 @@ class Registry:
         meta, alias = self._check_file(path, alias, task)
         with self.writer():
             return self._ingest(path, meta, alias, move, progress, expected_sha256, task,
-                                family, license, source)
+                                family, license, source, variant=variant)
 
     @staticmethod
     def _check_dir(path: Path) -> tuple[Path, list[Path], _FolderFacts]:
@@ -468,6 +472,7 @@ class Registry:
         side: list[Path] | None = None,
         extra: _FolderFacts | None = None,
         file_name: str | None = None,
+        variant: tuple[str, str] | None = None,
     ) -> ImportResult:
         """Store and record a checked file (and its side files); the caller holds `writer()`."""
         blob = self.store.ingest(
@@ -479,7 +484,7 @@ class Registry:
             files.append(SideFile(name=f.name, sha256=b.sha256, size=b.size))
         return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source,
                             side=files, extra=extra or _FolderFacts(),
-                            file_name=file_name or path.name)
+                            file_name=file_name or path.name, variant=variant)
 
     def _record(
         self,
@@ -495,10 +500,11 @@ class Registry:
         side: list[SideFile] | None = None,
         extra: _FolderFacts | None = None,
         file_name: str | None = None,
+        variant: tuple[str, str] | None = None,
     ) -> ImportResult:
         side = side or []
         extra = extra or _FolderFacts()
-        name = variant_name(meta.format, meta.quantization)
+        name, target = variant or (variant_name(meta.format, meta.quantization), "cpu")
         with self.db.write() as s:
             model = s.scalar(
                 select(Model).where(Model.alias == alias).options(selectinload(Model.variants))
@@ -548,7 +554,7 @@ class Registry:
                     format=meta.format,
                     quantization=meta.quantization,
                     bits_per_weight=bpw or bits_per_weight(meta.quantization),
-                    target="cpu",
+                    target=target,
                     file_size=total,
                     sha256=sha256,
                     chat_template=meta.chat_template or extra.chat_template,
@@ -614,6 +620,46 @@ class Registry:
         if result.created:
             self.record_event(alias, "pulled", variant=result.variant)
         return result
+
+    def set_active(self, alias: str, variant: str | None) -> None:
+        """Pin the variant that serves `alias` (a deployment's switch or rollback), or unpin
+        (None: selection chooses among the installed variants again)."""
+        with self.db.write() as s:
+            model = self._model(s, alias)
+            if variant is not None and variant not in {v.name for v in model.variants}:
+                raise ModelNotFound(f"{alias} has no variant {variant!r}")
+            model.active_variant = variant
+            s.add(ModelEvent(alias=alias, kind="activated" if variant else "unpinned",
+                             details={"variant": variant}))
+
+    def remove_variant(self, alias: str, variant: str) -> list[str]:
+        """Forget one variant (a deployment that failed its smoke test); its blobs go when
+        nothing else uses them. The model goes too if it has no variant left."""
+        with self.writer():
+            with self.db.write() as s:
+                model = self._model(s, alias)
+                v = next((v for v in model.variants if v.name == variant), None)
+                if v is None:
+                    return []
+                shas = {v.sha256, *(f.sha256 for f in v.files)} - {None}
+                model.variants.remove(v)
+                if model.active_variant == variant:
+                    model.active_variant = None
+                if not model.variants:
+                    s.delete(model)
+                s.flush()
+                orphans = sorted(sha for sha in shas if sha is not None and not s.scalar(
+                    select(Variant.id).where(Variant.sha256 == sha)) and not s.scalar(
+                    select(VariantFile.sha256).where(VariantFile.sha256 == sha)))
+                for sha in orphans:
+                    art = s.get(Artifact, sha)
+                    if art is not None:
+                        s.delete(art)
+                s.add(ModelEvent(alias=alias, kind="variant-removed",
+                                 details={"variant": variant}))
+            for sha in orphans:
+                self.store.remove(sha)
+            return orphans
 
     def remove(
         self, alias: str, *, force: bool = False, in_use: Callable[[str], bool] | None = None

@@ -44,6 +44,8 @@ class Model(Base):
     context_length: Mapped[int | None] = mapped_column(Integer)
     license: Mapped[str | None] = mapped_column(String(128))
     source: Mapped[str] = mapped_column(String(16), default="import")
+    # The variant that serves the alias, pinned by a deployment (None: selection chooses).
+    active_variant: Mapped[str | None] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow

@@ -112,7 +112,10 @@ class Broker:
     """mosquitto with TLS on 127.0.0.1: client certificates from the fleet CA required, the
     certificate's CN as user name, devices confined to their own topics by ACL."""
 
-    def __init__(self, pki: Pki, workdir: Path) -> None:
+    def __init__(self, pki: Pki, workdir: Path, *, save_every_change: bool = True) -> None:
+        """`save_every_change`: persist on every change (what the delivery tests kill the
+        broker against); off for brokers holding large retained artifacts, which would be
+        rewritten whole on each change."""
         self.pki = pki
         self.dir = workdir
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -122,14 +125,16 @@ class Broker:
         self.log = self.dir / "mosquitto.log"
         acl = self.dir / "acl"
         acl.write_text("user controller\ntopic readwrite edge/v1/#\n\n"
-                       "pattern readwrite edge/v1/+/%u/#\n")
+                       "pattern readwrite edge/v1/+/%u/#\n"
+                       "pattern read edge/v1/+/_artifacts/#\n")
         user = getpass.getuser()
         (self.dir / "mosquitto.conf").write_text(
             f"user {user}\n"
             "persistence true\n"
             f"persistence_location {self.dir}/\n"
-            "autosave_interval 1\nautosave_on_changes true\n"
-            "max_queued_messages 1000000\nmax_inflight_messages 100\n"
+            + ("autosave_interval 1\nautosave_on_changes true\n" if save_every_change
+               else "autosave_interval 60\n")
+            + "max_queued_messages 1000000\nmax_inflight_messages 100\n"
             f"log_dest file {self.log}\nlog_type error\nlog_type warning\nlog_type notice\n"
             "log_type subscribe\n"
             f"listener {self.port} 127.0.0.1\n"

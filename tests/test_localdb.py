@@ -29,7 +29,7 @@ def test_every_owner_declares_its_tables_on_the_one_base() -> None:
         "models", "variants", "artifacts", "model_events",  # registry
         "variant_files", "bench_results",  # registry (side files, benchmarks)
         "audit_records", "audit_checkpoints", "api_tokens",  # agent.security
-        "sync_outbox", "sync_state", "sync_quarantine",  # agent.sync
+        "sync_outbox", "sync_state", "sync_quarantine", "sync_deployments",  # agent.sync
     }
     assert registry.tables.Model.metadata is Base.metadata
     assert agent.security.tables.AuditRecord.metadata is Base.metadata

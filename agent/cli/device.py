@@ -27,7 +27,7 @@ def info(ctx: Context, root: Path | None, as_json: bool) -> None:
     from agent.hardware import detect, summary
     from agent.sync import enroll
 
-    profile = detect(root or Path("/"), probe_runtimes=root is None)
+    profile = detect(root or Path("/"))  # a tree: its captured runtimes.json, if any
     enrollment = None if root is not None else enroll.status(ctx.settings.home)
     if as_json:
         data = profile.model_dump(mode="json")

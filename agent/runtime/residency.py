@@ -175,22 +175,24 @@ class Residency:
     def _load_lock(self, alias: str) -> asyncio.Lock:
         return self._load_locks.setdefault(alias, asyncio.Lock())
 
-    async def ensure(self, alias: str, keep_alive: float | None) -> Resident:
+    async def ensure(self, alias: str, keep_alive: float | None,
+                     resolved: ResolvedModel | None = None) -> Resident:
         """The resident model for `alias`, loading it first if needed (one load per alias:
-        concurrent first requests wait for it and share it)."""
+        concurrent first requests wait for it and share it). `resolved` loads that exact
+        variant instead of resolving the alias (a deployment's candidate)."""
         r = self._residents.get(alias)
         if r is None or r.draining:
             async with self._load_lock(alias):
                 self.check_open()
                 r = self._residents.get(alias)
                 if r is None:
-                    r = await self._load(alias)
+                    r = await self._load(alias, resolved)
         # Like Ollama: each request sets the keep-alive; without one it is the default again.
         r.keep_alive = self._default_keep_alive if keep_alive is None else keep_alive
         return r
 
-    async def _load(self, alias: str) -> Resident:
-        resolved = self._resolve(alias)
+    async def _load(self, alias: str, resolved: ResolvedModel | None = None) -> Resident:
+        resolved = resolved or self._resolve(alias)
         need = resolved.estimated_memory
         try:
             victims = self._make_room(alias, need)
@@ -298,6 +300,19 @@ class Residency:
                 await self.wait_activity(None)
             await self.close_residents(self.detach([alias]))
             return True
+
+    async def promote(self, key: str, alias: str) -> None:
+        """Serve `alias` with the model loaded under `key` from now on, at once: the next
+        request gets it, requests already on the old one finish there, then it is freed."""
+        cand = self._residents.pop(key)
+        old = self._residents.get(alias)
+        cand.alias = alias
+        self._residents[alias] = cand
+        if old is not None and old is not cand:
+            old.draining = True
+            while old.lane.serving():
+                await self.wait_activity(None)
+            await self.close_residents([old])
 
     async def unload_if_idle(self, r: Resident) -> None:
         if self._residents.get(r.alias) is r and self.idle(r):

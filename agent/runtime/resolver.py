@@ -41,11 +41,20 @@ def effective_policy(policy: SelectionPolicy, runtime: RuntimeSettings) -> Selec
     )
 
 
+def selection_policy_path(settings: Settings) -> Path | None:
+    """The selection policy file: `selection.policy_file` if set, else one a deployment
+    installed (`<home>/policies/selection.yaml`), else None (the packaged one)."""
+    if settings.selection.policy_file is not None:
+        return settings.selection.policy_file
+    deployed = settings.state.policies / "selection.yaml"
+    return deployed if deployed.is_file() else None
+
+
 def load_selection_policy(settings: Settings) -> SelectionPolicy:
-    """The selection policy this device applies (file from settings, else the packaged one)."""
+    """The selection policy this device applies (see `selection_policy_path`)."""
     from registry.selection import load_policy
 
-    return effective_policy(load_policy(settings.selection.policy_file), settings.runtime)
+    return effective_policy(load_policy(selection_policy_path(settings)), settings.runtime)
 
 
 class ModelResolver:
@@ -55,7 +64,7 @@ class ModelResolver:
     def __init__(self, settings: Settings, registry: Registry, root: Path | None = None) -> None:
         self.settings = settings
         self.registry = registry
-        self.root = root
+        self.root = root or settings.selection.hardware_root
         self._profile: HardwareProfile | None = None
         self._policy: SelectionPolicy | None = None
         self._lock = threading.Lock()
@@ -70,7 +79,7 @@ class ModelResolver:
                 from agent.runtime.backend import available_formats
 
                 live = self.root is None
-                profile = detect(self.root or Path("/"), probe_runtimes=live)
+                profile = detect(self.root or Path("/"))  # a tree: its captured runtimes
                 if live:  # a captured tree says nothing about this agent's backends
                     runtimes = profile.runtimes.model_copy(
                         update={"backends": available_formats()}
@@ -78,6 +87,12 @@ class ModelResolver:
                     profile = profile.model_copy(update={"runtimes": runtimes})
                 self._profile = profile
             return self._profile
+
+    def reload_policy(self) -> None:
+        """Read the selection policy again on next use (a deployment installed one)."""
+        with self._lock:
+            self._policy = None
+            self._indexes.clear()
 
     def policy(self) -> SelectionPolicy:
         with self._lock:
@@ -136,6 +151,9 @@ class ModelResolver:
     def resolve(self, alias: str) -> ResolvedModel:
         """The installed variant to load for `alias` (ModelNotFound if not installed)."""
         info, installed, templates = self.registry.installed(alias)
+        pinned = [v for v in installed if v.name == info.active_variant]
+        if pinned:  # a deployment switched the model to this variant (until rolled back)
+            installed = pinned
         installed = self.measured(alias, installed)
         sel = self._index(f"installed:{alias}", installed).select(
             self.profile(), self.policy(), model_alias=alias
@@ -143,6 +161,19 @@ class ModelResolver:
         chosen = sel.chosen
         assert chosen.sha256 is not None  # installed variants always have their blob
         return self.resolved(info, chosen, templates.get(chosen.name), sel.estimated_memory)
+
+    def resolve_variant(self, alias: str, variant: str) -> ResolvedModel:
+        """A named installed variant of `alias`, whatever selection or the pin says (a
+        deployment's smoke test of a candidate)."""
+        info, installed, templates = self.registry.installed(alias)
+        spec = next((v for v in installed if v.name == variant), None)
+        if spec is None or spec.sha256 is None:
+            from registry.errors import ModelNotFound
+
+            raise ModelNotFound(f"{alias} has no installed variant {variant!r}")
+        sel = self._index(f"variant:{alias}:{variant}", [spec]).select(
+            self.profile(), self.policy(), model_alias=alias)
+        return self.resolved(info, spec, templates.get(variant), sel.estimated_memory)
 
     def resolved(
         self, info: ModelInfo, chosen: VariantSpec, chat_template: str | None,

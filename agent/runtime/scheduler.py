@@ -20,7 +20,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from agent.errors import QueueFull, Stopping
+from agent.errors import (
+    ChatNotSupported,
+    PromptTooLong,
+    QueueFull,
+    Stopping,
+    TaskNotSupported,
+)
 from agent.metrics import Metrics
 from agent.runtime.backend import Backend, Loader, load_backend
 from agent.runtime.residency import Lane, Lease, Residency, Resident
@@ -28,6 +34,9 @@ from agent.runtime.types import Chunk, GenerationRequest, LoadedModel, ResolvedM
 from agent.settings import RuntimeSettings
 
 _DONE = object()  # the worker's end-of-stream marker
+# Errors of the request or the moment, not of the model: they never count against it.
+_NOT_THE_MODELS_FAULT = (QueueFull, Stopping, PromptTooLong, ChatNotSupported,
+                         TaskNotSupported)
 T = TypeVar("T")
 
 
@@ -69,6 +78,9 @@ class Scheduler:
             clock=clock,
         )
         self._closed: asyncio.Event | None = None
+        # Told of every failure that is the model's (load, generation), e.g. a deployment
+        # watching a newly switched variant.
+        self.failures: list[Callable[[str, BaseException], None]] = []
 
     @property
     def budget(self) -> int:
@@ -134,6 +146,21 @@ class Scheduler:
         """Unload `alias` once its requests are done; False if it was not loaded."""
         return await self.residency.unload(alias)
 
+    async def load_candidate(self, key: str, resolved: ResolvedModel) -> LoadedModel:
+        """Load a variant beside the one serving its alias, under `key` (a deployment's
+        smoke test); it stays until `promote` or `unload(key)`."""
+        self.residency.check_open()
+        self._admit(key, limit=False)
+        try:
+            r = await self.residency.ensure(key, -1, resolved)
+            return self.residency.describe(r, self.queue_depth(key))
+        finally:
+            self._release(key)
+
+    async def promote(self, key: str, alias: str) -> None:
+        """Switch `alias` to the candidate loaded under `key`, with no gap in service."""
+        await self.residency.promote(key, alias)
+
     async def expire_idle(self) -> list[str]:
         return await self.residency.expire_idle()
 
@@ -193,6 +220,11 @@ class Scheduler:
             call.resident = r = await res.ensure(alias, keep_alive)
             r.lane.users += 1
             yield call
+        except Exception as exc:
+            if not isinstance(exc, _NOT_THE_MODELS_FAULT):
+                for listener in self.failures:
+                    listener(alias, exc)
+            raise
         finally:
             if call.cancel is not None:
                 call.cancel.set()  # no-op when the generation finished; stops it otherwise

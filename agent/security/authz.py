@@ -368,9 +368,13 @@ def load_policy(path: Path, *, self_uid: int | None = None) -> RbacPolicy:
 
 
 def configured_policy_path(settings: Settings) -> Path:
-    """The RBAC file the daemon enforces: `security.rbac_file` if set, else the packaged one."""
+    """The RBAC file the daemon enforces: `security.rbac_file` if set, else one a deployment
+    installed (`<home>/policies/rbac.yaml`), else the packaged one."""
     configured = settings.security.rbac_file
-    return Path(configured) if configured is not None else DEFAULT_RBAC_PATH
+    if configured is not None:
+        return Path(configured)
+    deployed = settings.state.policies / "rbac.yaml"
+    return deployed if deployed.is_file() else DEFAULT_RBAC_PATH
 
 
 def daemon_uid(home: Path) -> int:
@@ -410,16 +414,19 @@ class PolicyStore:
     def policy(self) -> RbacPolicy:
         return self._policy
 
-    def reload(self) -> tuple[bool, str]:
-        """Re-read the file; (True, summary) if it took effect, else (False, why)."""
+    def reload(self, path: Path | None = None) -> tuple[bool, str]:
+        """Re-read the file (or switch to `path`); (True, summary) if it took effect, else
+        (False, why) with the old policy and path still in force."""
         with self._lock:
+            target = path or self.path
             try:
-                new = load_policy(self.path, self_uid=self._self_uid)
-                digest = _digest(self.path)
+                new = load_policy(target, self_uid=self._self_uid)
+                digest = _digest(target)
             except (PolicyError, OSError) as e:
                 log.error("policy reload rejected; the previous policy stays in force: %s", e)
                 return False, f"rejected, previous policy stays in force: {e}"
             self._policy = new
+            self.path = target
             self.digest = digest
             self.loaded_at = time.time()
         message = (f"loaded {self.path} ({len(new.roles)} roles, {len(new.bindings)} "

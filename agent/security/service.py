@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 from agent.security.audit import AuditFn
@@ -40,12 +41,13 @@ class Security:
         except Exception:
             log.exception("audit append failed for %s %s", action, resource)
 
-    def reload_policy(self, by: Subject | str) -> tuple[bool, str]:
-        """Re-read the policy file; an invalid one keeps the old policy in force.
+    def reload_policy(self, by: Subject | str, path: Path | None = None) -> tuple[bool, str]:
+        """Re-read the policy file (or take `path`, a deployed one); an invalid one keeps
+        the old policy in force.
 
         Cached identities are dropped (group changes take effect with the new policy) and
-        the attempt is audited as `by` (a subject, or "signal:SIGHUP")."""
-        ok, message = self.policy.reload()
+        the attempt is audited as `by` (a subject, "signal:SIGHUP", "deploy:<name>")."""
+        ok, message = self.policy.reload(path)
         if ok:
             self.identities.invalidate()
         self.record(by, "policy:write", f"policy:{self.policy.path}", "allow",

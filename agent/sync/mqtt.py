@@ -161,6 +161,21 @@ class MqttLink:
             return None
         return int(info.mid)
 
+    def subscribe(self, topic: str) -> bool:
+        """Subscribe on the live connection (retained messages on it arrive at once); False
+        if not connected. Not remembered across reconnects: callers ask again."""
+        with self._lock:
+            client = self._client
+            if client is None or self.status.state != "connected":
+                return False
+            rc, _ = client.subscribe(topic, qos=1)
+        return int(rc) == 0
+
+    def unsubscribe(self, topic: str) -> None:
+        with self._lock:
+            if self._client is not None and self.status.state == "connected":
+                self._client.unsubscribe(topic)
+
     # -- the thread -------------------------------------------------------------------
 
     def _run(self) -> None:

@@ -1,6 +1,6 @@
 """The sync tables: the outbox of records meant for the fleet controller, the cursors and
 counters of what has been delivered or dropped, and a quarantine for rows that fail their
-check. Declared on `localdb.Base`; created by migration 0003.
+check. Declared on `localdb.Base`; created by migrations 0003 (outbox) and 0005 (deployments).
 
 Audit records are not copied here: the audit log is their outbox, and `sync_state` keeps
 the highest sequence the controller acknowledged (a record exists once, in one table).
@@ -8,7 +8,9 @@ the highest sequence the controller acknowledged (a record exists once, in one t
 
 from __future__ import annotations
 
-from sqlalchemy import Float, Index, Integer, String, Text
+from typing import Any
+
+from sqlalchemy import JSON, Float, Index, Integer, String, Text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from localdb import Base
@@ -55,3 +57,20 @@ class QuarantinedRecord(Base):
     body: Mapped[str] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(String(256))
     moved_at: Mapped[float] = mapped_column(Float)
+
+
+class Deployment(Base):
+    """A desired-state document the device received, and how far it got. The signed bytes
+    are kept as received (evidence); `version` of accepted documents only grows."""
+
+    __tablename__ = "sync_deployments"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(64))
+    version: Mapped[int] = mapped_column(Integer, index=True)
+    document: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(16))  # accepted | done | failed | rejected
+    reason: Mapped[str | None] = mapped_column(String(1024))
+    models: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)  # alias -> progress
+    received: Mapped[float] = mapped_column(Float)
+    updated: Mapped[float] = mapped_column(Float)
