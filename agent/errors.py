@@ -102,6 +102,15 @@ class TaskNotSupported(InferenceError):
     """The model's task cannot serve this route (e.g. chat with an embedding model)."""
 
 
+class InvalidSampling(InferenceError):
+    """A sampling parameter the model cannot honour as given (a token id outside its
+    vocabulary, a JSON schema that has no grammar); `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class Stopping(InferenceError):
     """The agent is shutting down."""
 

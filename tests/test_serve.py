@@ -70,7 +70,7 @@ def test_raw_stream_ends_with_done(agent: Daemon) -> None:
         assert r.headers["content-type"].startswith("text/event-stream")
         events = list(sse_events(r.iter_lines()))
     assert events[-1] == "[DONE]"
-    assert events[0]["choices"][0]["delta"] == {"role": "assistant"}
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
 
 
 def test_completions(agent: Daemon) -> None:

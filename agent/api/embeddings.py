@@ -85,4 +85,5 @@ async def embeddings(request: web.Request) -> web.Response:
 
 ROUTES = [
     RouteSpec("POST", "/v1/embeddings", embeddings, "inference:invoke", model_scoped=True),
+    RouteSpec("POST", "/embeddings", embeddings, "inference:invoke", model_scoped=True),
 ]

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from agent.errors import (
     ChatNotSupported,
+    InvalidSampling,
     ModelLoadFailed,
     PolicyError,
     PromptTooLong,
@@ -80,6 +81,8 @@ def to_api_error(exc: BaseException) -> APIError | None:
             return APIError(400, str(exc), code="context_length_exceeded", param="messages")
         case ChatNotSupported():
             return APIError(400, str(exc), code="chat_not_supported", param="model")
+        case InvalidSampling():
+            return APIError(400, str(exc), code="invalid_value", param=exc.param)
         case TaskNotSupported():
             return APIError(400, str(exc), code="unsupported_task", param="model")
         case QueueFull():

@@ -35,10 +35,49 @@ def parse_keep_alive(value: float | str | None) -> float | None:
     return float(m.group(1)) * _UNIT[m.group(2)]
 
 
+# Request fields of OpenAI's API that change what is generated and that edge-agent does not
+# implement yet: refused with a 400 naming the field when set to anything but their
+# "off" value, never silently ignored. (What is accepted: the request models below.)
+_NOT_IMPLEMENTED: dict[str, tuple[str, tuple[object, ...]]] = {
+    # name: (what it asks for, the values that ask for nothing)
+    "logprobs": ("token log-probabilities", (None, False)),
+    "top_logprobs": ("token log-probabilities", (None, 0)),
+    "tools": ("tool calling", (None, ())),
+    "tool_choice": ("tool calling", (None, "none")),
+    "functions": ("function calling", (None, ())),
+    "function_call": ("function calling", (None, "none")),
+    "echo": ("echoing the prompt", (None, False)),
+    "suffix": ("suffix insertion", (None, "")),
+    "best_of": ("best-of sampling", (None, 1)),
+    "audio": ("audio output", (None,)),
+    "modalities": ("non-text output", (None, ("text",))),
+    "prediction": ("predicted outputs", (None,)),
+    "web_search_options": ("web search", (None,)),
+}
+
+
+def _is_off(value: object, off: tuple[object, ...]) -> bool:
+    if isinstance(value, list):
+        value = tuple(value)
+    # By type as well as value: True == 1 and False == 0 in Python.
+    return any(type(value) is type(o) and value == o for o in off)
+
+
+def refuse_unimplemented(body: Any) -> None:
+    """400 for a request that asks for something this server does not do (an app must
+    not find out in production that a parameter was dropped)."""
+    if not isinstance(body, dict):
+        return
+    for name, (what, off) in _NOT_IMPLEMENTED.items():
+        if name in body and not _is_off(body[name], off):
+            raise APIError(400, f"{name}: {what} is not supported by edge-agent; leave "
+                           f"`{name}` unset", param=name, code="unsupported_parameter")
+
+
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    type: Literal["text"]
-    text: str
+    model_config = ConfigDict(extra="allow")
+    type: str = Field(max_length=64)
+    text: str | None = None
 
 
 class MessageIn(BaseModel):
@@ -46,16 +85,33 @@ class MessageIn(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
 
-    def to_message(self) -> ChatMessage:
+    def to_message(self, index: int) -> ChatMessage:
         content = self.content
         if isinstance(content, list):
-            content = "".join(p.text for p in content)
+            texts = []
+            for j, part in enumerate(content):
+                if part.type != "text" or part.text is None:
+                    what = "images" if part.type == "image_url" else f"{part.type!r} parts"
+                    raise APIError(400, f"messages[{index}].content[{j}]: the models here "
+                                   f"take text only, not {what}",
+                                   param=f"messages.{index}.content.{j}.type",
+                                   code="unsupported_content")
+                texts.append(part.text)
+            content = "\n".join(texts)  # as llama.cpp's chat code joins typed text parts
         return ChatMessage(role=self.role, content=content or "")
+
+
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(default="response", max_length=64)
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
 
 
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object"]
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class StreamOptions(BaseModel):
@@ -83,6 +139,17 @@ class _CommonRequest(BaseModel):
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
     keep_alive: float | str | None = None
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit() or len(token) > 9:
+                raise ValueError(f"keys are token ids, got {token[:20]!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"biases are between -100 and 100, got {bias}")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -98,7 +165,7 @@ class _CommonRequest(BaseModel):
         parse_keep_alive(v)
         return v
 
-    def sampling(self, json_object: bool = False) -> Sampling:
+    def sampling(self, json_object: bool = False, json_schema: str | None = None) -> Sampling:
         fields = {
             k: getattr(self, k)
             for k in (
@@ -115,7 +182,9 @@ class _CommonRequest(BaseModel):
             if getattr(self, k) is not None
         }
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
-        return Sampling(**fields, stop=stops, json_object=json_object)
+        bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
+        return Sampling(**fields, stop=stops, json_object=json_object, json_schema=json_schema,
+                        logit_bias=bias)
 
 
 class ChatCompletionRequest(_CommonRequest):
@@ -126,13 +195,19 @@ class ChatCompletionRequest(_CommonRequest):
     def generation(self) -> GenerationRequest:
         if self.max_completion_tokens is not None and self.max_tokens is None:
             self.max_tokens = self.max_completion_tokens
-        json_object = (
-            self.response_format is not None and self.response_format.type == "json_object"
-        )
+        fmt = self.response_format
+        json_object = fmt is not None and fmt.type == "json_object"
+        schema = None
+        if fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise APIError(400, "response_format: type json_schema needs a json_schema "
+                               "with a schema", param="response_format.json_schema",
+                               code="invalid_value")
+            schema = json.dumps(fmt.json_schema.schema_)
         return GenerationRequest(
             model=self.model,
-            messages=[m.to_message() for m in self.messages],
-            sampling=self.sampling(json_object),
+            messages=[m.to_message(i) for i, m in enumerate(self.messages)],
+            sampling=self.sampling(json_object, schema),
             keep_alive=parse_keep_alive(self.keep_alive),
         )
 
@@ -179,6 +254,19 @@ async def list_models(request: web.Request) -> web.Response:
     return web.json_response({"object": "list", "data": data})
 
 
+async def get_model(request: web.Request) -> web.Response:
+    """`GET /v1/models/{model}` (the client's `models.retrieve`)."""
+    state = request.app[STATE]
+    alias = request.match_info["model"]
+    for name, created in state.registry.model_ids():
+        if name == alias:
+            return web.json_response({"id": name, "object": "model",
+                                      "created": int(created.timestamp()),
+                                      "owned_by": "edge-agent"})
+    raise APIError(404, f"model {alias[:64]!r} is not installed", param="model",
+                   code="model_not_found")
+
+
 class _Usage:
     def __init__(self) -> None:
         self.prompt = 0
@@ -199,12 +287,16 @@ class _Usage:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    req = ChatCompletionRequest.model_validate(await read_json(request))
+    body = await read_json(request)
+    refuse_unimplemented(body)
+    req = ChatCompletionRequest.model_validate(body)
     return await _serve(request, req, req.generation(), chat=True)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    req = CompletionRequest.model_validate(await read_json(request))
+    body = await read_json(request)
+    refuse_unimplemented(body)
+    req = CompletionRequest.model_validate(body)
     return await _serve(request, req, req.generation(), chat=False)
 
 
@@ -328,17 +420,17 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
     tail = "}" if chat else ""
     prefix = f'data: {head[:-1]}, "choices": [{{"index": 0, {key}'.encode()
     suffix = f'{tail}, "finish_reason": null, "logprobs": null}}]}}\n\n'.encode()
-    if chat:
-        await send([choice(None, None, role=True)])
+    if chat:  # the first delta: the role, with empty content (as OpenAI sends it)
+        await send([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                     "finish_reason": None, "logprobs": None}])
     chunk: Chunk | None = first
     try:
         while chunk is not None:
             usage.update(chunk)
-            if chunk.finish_reason is None:
-                if chunk.text:
-                    await resp.write(prefix + json.dumps(chunk.text).encode() + suffix)
-            else:
-                await send([choice(chunk.text, chunk.finish_reason)])
+            if chunk.text:
+                await resp.write(prefix + json.dumps(chunk.text).encode() + suffix)
+            if chunk.finish_reason is not None:  # in its own chunk, with an empty delta
+                await send([choice(None, chunk.finish_reason)])
             chunk = await anext(stream, None)
     except Exception as exc:
         # Headers are sent: report the failure as a final event, as OpenAI's API does.
@@ -361,9 +453,14 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
 
 
 ROUTES = [
-    RouteSpec("GET", "/v1/models", list_models, "models:read"),
-    RouteSpec(
-        "POST", "/v1/chat/completions", chat_completions, "inference:invoke", model_scoped=True
-    ),
-    RouteSpec("POST", "/v1/completions", completions, "inference:invoke", model_scoped=True),
+    RouteSpec(method, prefix + path, handler, permission, model_scoped=scoped)
+    # Several clients call the routes without /v1 when their base URL lacks it: the same
+    # handlers and permissions under both paths.
+    for prefix in ("/v1", "")
+    for method, path, handler, permission, scoped in (
+        ("GET", "/models", list_models, "models:read", False),
+        ("GET", "/models/{model}", get_model, "models:read", False),
+        ("POST", "/chat/completions", chat_completions, "inference:invoke", True),
+        ("POST", "/completions", completions, "inference:invoke", True),
+    )
 ]

@@ -16,7 +16,13 @@ import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from agent.errors import ChatNotSupported, ModelLoadFailed, PromptTooLong, TaskNotSupported
+from agent.errors import (
+    ChatNotSupported,
+    InvalidSampling,
+    ModelLoadFailed,
+    PromptTooLong,
+    TaskNotSupported,
+)
 from agent.metrics import Metrics
 from agent.runtime.stops import find_stop as _find_stop
 from agent.runtime.stops import held_back as _held_back
@@ -261,6 +267,43 @@ class LlamaBackend:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _grammar(self, s: Sampling) -> Any:
+        """llama.cpp's grammar for JSON mode or a JSON Schema (converted by llama.cpp's own
+        schema-to-grammar code), or None."""
+        if s.json_schema is None and not s.json_object:
+            return None
+        from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        if s.json_schema is None:
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        try:
+            return LlamaGrammar.from_json_schema(s.json_schema, verbose=False)
+        except Exception as exc:  # the converter raises bare ValueErrors and RuntimeErrors
+            raise InvalidSampling(f"this JSON schema cannot be turned into a grammar: {exc}",
+                                  "response_format.json_schema.schema") from exc
+
+    def _logit_bias(self, bias: dict[int, float]) -> Any:
+        """A logits processor adding `bias` (OpenAI's semantics: -100 bans, 100 forces)."""
+        if not bias:
+            return None
+        import numpy as np
+        from llama_cpp import LogitsProcessorList
+
+        n_vocab = int(self._llm.n_vocab())
+        bad = sorted(t for t in bias if not 0 <= t < n_vocab)
+        if bad:
+            raise InvalidSampling(f"logit_bias names token ids outside this model's "
+                                  f"vocabulary (0..{n_vocab - 1}): {bad[:5]}", "logit_bias")
+        ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
+        values = np.array([-np.inf if v <= -100 else v for v in bias.values()],
+                          dtype=np.float32)
+
+        def apply(_input_ids: Any, scores: Any) -> Any:
+            scores[ids] += values
+            return scores
+
+        return LogitsProcessorList([apply])
+
     def _stop_token_ids(self, stop: Sequence[str]) -> set[int]:
         """Template stop strings that are single special tokens (they detokenize to '')."""
         ids: set[int] = set()
@@ -280,18 +323,14 @@ class LlamaBackend:
         cancel: threading.Event,
     ) -> Iterator[Chunk]:
         llm = self._llm
-        grammar = None
-        if s.json_object:
-            from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
-
-            grammar = LlamaGrammar.from_string(JSON_GBNF, verbose=False)
-        if s.seed is not None:
-            llm.set_seed(s.seed & 0xFFFFFFFF)
+        grammar = self._grammar(s)
+        processors = self._logit_bias(s.logit_bias)
+        if s.seed is not None or s.temperature == 0:
             # Reusing a cached prompt prefix evaluates in a different batch shape, which can
-            # change float rounding; a seeded request evaluates from scratch to be repeatable.
+            # change float rounding; a seeded or greedy request evaluates from scratch, so
+            # the same request gives the same text every time.
             llm.reset()
-        else:
-            llm.set_seed(RANDOM_SEED)
+        llm.set_seed(RANDOM_SEED if s.seed is None else s.seed & 0xFFFFFFFF)
         m = self._metrics
         if m is not None:
             m.prompt_tokens.labels(model=self.alias).inc(len(tokens))
@@ -311,6 +350,7 @@ class LlamaBackend:
             frequency_penalty=s.frequency_penalty,
             presence_penalty=s.presence_penalty,
             grammar=grammar,
+            logits_processor=processors,
         )
         try:
             while True:

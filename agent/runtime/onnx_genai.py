@@ -146,9 +146,13 @@ class GenAIBackend:
         import onnxruntime_genai as og
 
         s = request.sampling
-        if s.json_object:
+        if s.json_object or s.json_schema is not None:
             raise TaskNotSupported(
                 f"model {self.alias}: JSON mode needs a grammar, which the ONNX backend lacks"
+            )
+        if s.logit_bias:
+            raise TaskNotSupported(
+                f"model {self.alias}: logit_bias is not supported by the ONNX backend"
             )
         formatted = self.format_prompt(request)
         tokens = self.tokenize(formatted.text) or [next(iter(self._eos), 0)]

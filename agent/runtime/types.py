@@ -38,6 +38,12 @@ class Sampling(BaseModel):
     seed: int | None = None
     stop: list[str] = Field(default_factory=list, max_length=8)
     json_object: bool = Field(default=False, description="Constrain output to a JSON object.")
+    json_schema: str | None = Field(
+        default=None, description="Constrain output to this JSON Schema (JSON text)."
+    )
+    logit_bias: dict[int, float] = Field(
+        default_factory=dict, description="Added to these tokens' logits; -100 bans a token."
+    )
 
 
 class GenerationRequest(BaseModel):
