@@ -112,14 +112,19 @@ def test_models_retrieve_and_the_routes_without_v1(agent: Daemon) -> None:
 REFUSED = [
     ("/v1/chat/completions", "logprobs", True),
     ("/v1/chat/completions", "top_logprobs", 3),
-    ("/v1/chat/completions", "tools", [{"type": "function", "function": {"name": "f"}}]),
-    ("/v1/chat/completions", "tool_choice", "required"),
-    ("/v1/chat/completions", "functions", [{"name": "f"}]),
-    ("/v1/chat/completions", "function_call", "auto"),
     ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
     ("/v1/chat/completions", "modalities", ["text", "audio"]),
     ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}),
     ("/v1/chat/completions", "web_search_options", {}),
+    ("/v1/chat/completions", "reasoning_effort", "high"),
+    ("/v1/chat/completions", "verbosity", "low"),
+    ("/v1/chat/completions", "store", True),
+    ("/v1/chat/completions", "metadata", {"k": "v"}),
+    ("/v1/chat/completions", "moderation", {"type": "auto"}),
+    ("/v1/chat/completions", "prompt_cache_key", "k"),
+    ("/v1/chat/completions", "prompt_cache_options", {"mode": "x"}),
+    ("/v1/chat/completions", "prompt_cache_retention", "24h"),
+    ("/v1/chat/completions", "service_tier", "flex"),
     ("/v1/completions", "logprobs", 2),
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "!"),
@@ -142,8 +147,8 @@ def test_an_unimplemented_parameter_is_refused_with_its_name(
 
 def test_the_off_values_of_those_parameters_are_accepted(agent: Daemon) -> None:
     r = _post(agent, "/v1/chat/completions", {
-        "model": SMOL, "messages": CHAT, "max_tokens": 4, "logprobs": False, "tools": [],
-        "tool_choice": "none", "modalities": ["text"], "n": 1})
+        "model": SMOL, "messages": CHAT, "max_tokens": 4, "logprobs": False,
+        "modalities": ["text"], "n": 1})
     assert r.status_code == 200, r.text
     r = _post(agent, "/v1/completions", {"model": SMOL, "prompt": "Hi", "max_tokens": 4,
                                          "echo": False, "best_of": 1, "suffix": None})
@@ -204,3 +209,216 @@ def test_a_schema_without_a_grammar_is_refused(agent: Daemon) -> None:
             "name": "x", "schema": {"$ref": "https://example.com/elsewhere.json"}}}})
     assert r.status_code == 400, r.text
     assert r.json()["error"]["param"].startswith("response_format")
+
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "The weather forecast for a city.",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]},
+                           "days": {"type": "integer", "minimum": 1, "maximum": 7}},
+            "required": ["city", "days"],
+            "additionalProperties": False,
+        },
+    },
+}
+TIME = {"type": "function", "function": {
+    "name": "get_time", "description": "The local time in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+ASK = [{"role": "user", "content": "What will the weather be in Paris for the next 3 days?"}]
+
+
+def _valid_call(call: Any, tool: dict[str, Any]) -> dict[str, Any]:
+    assert call.type == "function" and call.id.startswith("call_")
+    assert call.function.name == tool["function"]["name"]
+    args: dict[str, Any] = json.loads(call.function.arguments)
+    jsonschema.validate(args, tool["function"]["parameters"])
+    return args
+
+
+def test_a_named_tool_is_called_with_valid_arguments_and_the_result_gets_an_answer(
+    agent: Daemon
+) -> None:
+    client = agent.openai()
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    first = client.chat.completions.create(model=SMOL, messages=ASK, tools=[WEATHER, TIME],
+                                           tool_choice=named, max_tokens=64, temperature=0)
+    choice = first.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    call = choice.message.tool_calls[0]
+    args = _valid_call(call, WEATHER)
+    # The app runs the tool and sends the result back; the model answers from it.
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": call.id, "type": "function",
+         "function": {"name": call.function.name, "arguments": call.function.arguments}}]},
+        {"role": "tool", "tool_call_id": call.id,
+         "content": json.dumps({"city": args["city"], "forecast": "sunny, 24 C"})}]
+    final = client.chat.completions.create(model=SMOL, messages=history, tools=[WEATHER],
+                                           tool_choice="none", max_tokens=48, temperature=0)
+    assert final.choices[0].finish_reason in ("stop", "length")
+    assert final.choices[0].message.content.strip()
+    assert not final.choices[0].message.tool_calls
+    # Under "auto" the model may answer or call again: either way the reply is well formed.
+    auto = client.chat.completions.create(model=SMOL, messages=history, tools=[WEATHER],
+                                          max_tokens=64, temperature=0)
+    msg = auto.choices[0].message
+    if msg.tool_calls:
+        assert auto.choices[0].finish_reason == "tool_calls"
+        _valid_call(msg.tool_calls[0], WEATHER)
+    else:
+        assert msg.content and auto.choices[0].finish_reason == "stop"
+
+
+def test_required_picks_one_of_the_tools_and_streams_it_as_deltas(agent: Daemon) -> None:
+    client = agent.openai()
+    stream = client.chat.completions.create(model=SMOL, messages=ASK, tools=[WEATHER, TIME],
+                                            tool_choice="required", max_tokens=64,
+                                            temperature=0, stream=True)
+    role, calls, finish = None, {}, None
+    for chunk in stream:
+        delta = chunk.choices[0].delta
+        role = role or delta.role
+        for c in delta.tool_calls or []:
+            calls.setdefault(c.index, c)
+        finish = chunk.choices[0].finish_reason or finish
+    assert role == "assistant" and finish == "tool_calls" and len(calls) == 1
+    call = calls[0]
+    tool = WEATHER if call.function.name == "get_weather" else TIME
+    _valid_call(call, tool)
+
+
+def test_legacy_functions_and_bad_tool_choices(agent: Daemon) -> None:
+    r = _post(agent, "/v1/chat/completions", {
+        "model": SMOL, "messages": ASK, "max_tokens": 64, "temperature": 0,
+        "functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}})
+    assert r.status_code == 200, r.text
+    call = r.json()["choices"][0]["message"]["tool_calls"][0]
+    jsonschema.validate(json.loads(call["function"]["arguments"]),
+                        WEATHER["function"]["parameters"])
+    r = _post(agent, "/v1/chat/completions", {
+        "model": SMOL, "messages": ASK, "tools": [WEATHER],
+        "tool_choice": {"type": "function", "function": {"name": "launch_rockets"}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+    r = _post(agent, "/v1/chat/completions", {
+        "model": SMOL, "messages": ASK, "tools": [WEATHER],
+        "response_format": {"type": "json_object"}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format"
+
+
+
+def test_parallel_tool_calls(agent: Daemon) -> None:
+    body = {"model": SMOL, "messages": ASK, "tools": [WEATHER, TIME], "max_tokens": 96,
+            "tool_choice": "required", "temperature": 0}
+    one = _post(agent, "/v1/chat/completions", {**body, "parallel_tool_calls": False}).json()
+    assert len(one["choices"][0]["message"]["tool_calls"]) == 1
+    many = _post(agent, "/v1/chat/completions", {**body, "parallel_tool_calls": True}).json()
+    calls = many["choices"][0]["message"]["tool_calls"]
+    assert calls and all(c["function"]["name"] in ("get_weather", "get_time") for c in calls)
+
+
+def test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed(agent: Daemon) -> None:
+    r = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT, "max_tokens": 2,
+                                              "user": "kiosk-7", "service_tier": "default"})
+    assert r.status_code == 200 and r.json()["service_tier"] == "default"
+    r = _post(agent, "/v1/completions", {"model": SMOL, "prompt": "Hi", "max_tokens": 2,
+                                         "safety_identifier": "hash-of-user-9"})
+    assert r.status_code == 200
+    with agent.client() as c:
+        records = c.get("/agent/v1/audit", params={"n": 20}).json()["records"]
+    users = [r["details"].get("end_user") for r in records]
+    assert "kiosk-7" in users and "hash-of-user-9" in users
+
+
+def test_n_above_one_is_refused_with_its_name(agent: Daemon) -> None:
+    r = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT, "n": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+
+
+# -- every parameter of the official client: an observed effect, or refused ------------
+
+PROMPTS = {  # (chat message, completion prompt)
+    "list": ("List ten fruits, separated by commas.",
+             "Colours: red, green, blue, red, green, blue,"),
+    "free": ("Tell me about the sea.", "The best thing about the sea is"),
+}
+# name -> (prompt, what both requests share, what the second changes, what must differ)
+PAIRS: dict[str, tuple[str, dict[str, Any], dict[str, Any], str]] = {
+    "temperature": ("free", {"temperature": 0, "seed": 1}, {"temperature": 1.9}, "text"),
+    "top_p": ("free", {"temperature": 1.6, "seed": 3, "top_p": 1.0}, {"top_p": 0.001},
+              "text"),
+    "seed": ("free", {"temperature": 1.3, "seed": 1}, {"seed": 2}, "text"),
+    "frequency_penalty": ("list", {"temperature": 0, "frequency_penalty": 0},
+                          {"frequency_penalty": 2.0}, "text"),
+    "presence_penalty": ("list", {"temperature": 0, "presence_penalty": 0},
+                         {"presence_penalty": 2.0}, "text"),
+    "stop": ("list", {"temperature": 0}, {"stop": [",", "\n"]}, "text"),
+    "max_tokens": ("free", {"temperature": 0, "max_tokens": 4}, {"max_tokens": 9}, "tokens"),
+    "max_completion_tokens": ("free", {"temperature": 0, "max_completion_tokens": 4},
+                              {"max_completion_tokens": 9}, "tokens"),
+}
+COVERED = {  # name -> the test that observes its effect
+    "messages": "test_typed_text_parts_are_joined_as_llama_cpp_joins_them",
+    "prompt": "test_completion_stream_ends_with_an_empty_finish_chunk",
+    "model": "test_models_retrieve_and_the_routes_without_v1",
+    "logit_bias": "test_logit_bias_bans_a_token",
+    "response_format": "test_json_schema_output_validates_for_twenty_requests",
+    "stream_options": "test_openai_client_chat_streaming",  # tests/test_serve.py
+    "tools": "test_a_named_tool_is_called_with_valid_arguments_and_the_result_gets_an_answer",
+    "tool_choice": "test_required_picks_one_of_the_tools_and_streams_it_as_deltas",
+    "functions": "test_legacy_functions_and_bad_tool_choices",
+    "function_call": "test_legacy_functions_and_bad_tool_choices",
+    "parallel_tool_calls": "test_parallel_tool_calls",
+    "user": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
+    "safety_identifier": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
+    "service_tier": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
+    "n": "test_n_above_one_is_refused_with_its_name",
+}
+
+
+def _client_params() -> dict[str, set[str]]:
+    import typing
+
+    from openai.types import completion_create_params as comp
+    from openai.types.chat import completion_create_params as chat
+
+    return {"/v1/chat/completions": set(typing.get_type_hints(chat.CompletionCreateParamsBase)),
+            "/v1/completions": set(typing.get_type_hints(comp.CompletionCreateParamsBase))}
+
+
+def test_every_parameter_of_the_official_client_is_decided() -> None:
+    """A new client version with a new parameter fails here until it is implemented (with
+    a test of its effect) or refused."""
+    here = (Path(__file__).read_text()
+            + Path(__file__).with_name("test_serve.py").read_text())
+    for path, params in _client_params().items():
+        refused = {n for p, n, _ in REFUSED if p == path}
+        undecided = params - refused - set(PAIRS) - set(COVERED)
+        assert not undecided, f"{path}: no decision for {sorted(undecided)}"
+    for name, test in COVERED.items():
+        assert f"def {test}(" in here, f"{name}: {test} does not exist"
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+@pytest.mark.parametrize("name", sorted(PAIRS))
+def test_a_sampling_parameter_changes_what_is_generated(agent: Daemon, path: str,
+                                                        name: str) -> None:
+    if name not in _client_params()[path]:
+        pytest.skip(f"{name} is not a parameter of {path}")
+    prompt, same, changed, what = PAIRS[name]
+    chat, completion = PROMPTS[prompt]
+    base: dict[str, Any] = {"model": SMOL, "max_tokens": 24, **same}
+    base.update({"messages": [{"role": "user", "content": chat}]} if "chat" in path
+                else {"prompt": completion})
+    a, b = (_post(agent, path, body).json() for body in (base, {**base, **changed}))
+    if what == "tokens":
+        assert a["usage"]["completion_tokens"] != b["usage"]["completion_tokens"], (a, b)
+    else:
+        def text(r: dict[str, Any]) -> str:
+            c = r["choices"][0]
+            return str(c["message"]["content"] if "message" in c else c["text"])
+
+        assert text(a) != text(b), (name, text(a))

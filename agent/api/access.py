@@ -36,6 +36,7 @@ from agent.server import peer_credentials
 
 __all__ = [
     "DECISION",
+    "END_USER",
     "MODEL",
     "POLICY_ROUTES",
     "SECURITY",
@@ -57,6 +58,8 @@ DECISION = web.RequestKey("decision", Decision)  # why they may
 # Set by inference handlers for the audit record (plain "model"/"usage" keys are read too).
 MODEL = web.RequestKey("model", str)
 USAGE = web.RequestKey("usage", dict[str, int])
+# The app's own end-user id (OpenAI's `user` / `safety_identifier`): kept in the audit record.
+END_USER = web.RequestKey("end_user", str)
 _UNAUTHENTICATED = {"WWW-Authenticate": 'Bearer realm="edge-agent"'}
 
 
@@ -184,6 +187,8 @@ def access_middleware(security: Security) -> Middleware:
             if inference:
                 details["model"] = request.get(MODEL) or request.get("model") or model
                 details["usage"] = request.get(USAGE) or request.get("usage")
+                if (end_user := request.get(END_USER)) is not None:
+                    details["end_user"] = end_user
                 resource = f"model:{details['model']}" if details["model"] else resource
             record(subject, spec.permission, resource, "allow", outcome, details)
 

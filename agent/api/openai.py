@@ -14,7 +14,8 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.api.access import MODEL, USAGE
+from agent.api import tools as tooling
+from agent.api.access import END_USER, MODEL, USAGE
 from agent.api.errors import APIError, to_api_error
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
@@ -42,10 +43,6 @@ _NOT_IMPLEMENTED: dict[str, tuple[str, tuple[object, ...]]] = {
     # name: (what it asks for, the values that ask for nothing)
     "logprobs": ("token log-probabilities", (None, False)),
     "top_logprobs": ("token log-probabilities", (None, 0)),
-    "tools": ("tool calling", (None, ())),
-    "tool_choice": ("tool calling", (None, "none")),
-    "functions": ("function calling", (None, ())),
-    "function_call": ("function calling", (None, "none")),
     "echo": ("echoing the prompt", (None, False)),
     "suffix": ("suffix insertion", (None, "")),
     "best_of": ("best-of sampling", (None, 1)),
@@ -53,6 +50,15 @@ _NOT_IMPLEMENTED: dict[str, tuple[str, tuple[object, ...]]] = {
     "modalities": ("non-text output", (None, ("text",))),
     "prediction": ("predicted outputs", (None,)),
     "web_search_options": ("web search", (None,)),
+    "reasoning_effort": ("reasoning effort (no reasoning models here)", (None,)),
+    "verbosity": ("verbosity control", (None,)),
+    "store": ("storing completions", (None, False)),
+    "metadata": ("metadata for stored completions", (None, {})),
+    "moderation": ("moderation", (None,)),
+    "prompt_cache_key": ("prompt-cache hints", (None,)),
+    "prompt_cache_options": ("prompt-cache hints", (None,)),
+    "prompt_cache_retention": ("prompt-cache hints", (None,)),
+    "service_tier": ("service tiers other than the one there is", (None, "auto", "default")),
 }
 
 
@@ -84,6 +90,17 @@ class MessageIn(BaseModel):
     model_config = ConfigDict(extra="ignore")
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
+    tool_calls: list[tooling.CallIn] | None = Field(default=None, max_length=64)
+    tool_call_id: str | None = Field(default=None, max_length=128)
+
+    def to_model(self, index: int) -> ChatMessage:
+        """This turn as the model sees it (tool calls and results included)."""
+        if self.role == "assistant" and self.tool_calls:
+            return ChatMessage(role="assistant",
+                               content=tooling.assistant_calls(self.tool_calls, index))
+        if self.role == "tool":
+            return tooling.tool_result(self.to_message(index).content, self.tool_call_id)
+        return self.to_message(index)
 
     def to_message(self, index: int) -> ChatMessage:
         content = self.content
@@ -140,6 +157,10 @@ class _CommonRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
     keep_alive: float | str | None = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
+    # The app's end user, for its own abuse tracing: recorded in the audit record.
+    user: str | None = Field(default=None, max_length=256)
+    safety_identifier: str | None = Field(default=None, max_length=256)
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("logit_bias")
     @classmethod
@@ -187,13 +208,38 @@ class _CommonRequest(BaseModel):
                         logit_bias=bias)
 
 
+class _LegacyCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str
+
+
 class ChatCompletionRequest(_CommonRequest):
     messages: list[MessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     response_format: ResponseFormat | None = None
+    tools: list[tooling.ToolDef] | None = Field(default=None, max_length=128)
+    tool_choice: tooling.ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[tooling.FunctionDef] | None = Field(default=None, max_length=128)
+    function_call: Literal["none", "auto"] | _LegacyCall | None = None
 
-    def generation(self) -> GenerationRequest:
-        if self.max_completion_tokens is not None and self.max_tokens is None:
+    def tool_plan(self) -> tooling.ToolPlan | None:
+        """What the tools (or the legacy functions) ask of the reply, if anything."""
+        tools, choice = self.tools, self.tool_choice
+        if self.functions is not None:
+            tools = [tooling.ToolDef(function=f) for f in self.functions]
+            fc = self.function_call
+            choice = (tooling.NamedChoice(function=tooling._Named(name=fc.name))
+                      if isinstance(fc, _LegacyCall) else fc)
+        p = tooling.plan(tools, choice, self.parallel_tool_calls)
+        if p is not None and self.response_format is not None \
+                and self.response_format.type != "text":
+            raise APIError(400, "response_format cannot be combined with tools (the reply is "
+                           "already JSON)", param="response_format", code="invalid_value")
+        return p
+
+    def generation(self, tools: tooling.ToolPlan | None = None) -> GenerationRequest:
+        if self.max_completion_tokens is not None:  # the newer name wins over max_tokens
             self.max_tokens = self.max_completion_tokens
         fmt = self.response_format
         json_object = fmt is not None and fmt.type == "json_object"
@@ -204,9 +250,13 @@ class ChatCompletionRequest(_CommonRequest):
                                "with a schema", param="response_format.json_schema",
                                code="invalid_value")
             schema = json.dumps(fmt.json_schema.schema_)
+        messages = [m.to_model(i) for i, m in enumerate(self.messages)]
+        if tools is not None:
+            messages = tooling.with_tools(messages, tools)
+            schema = json.dumps(tools.schema)
         return GenerationRequest(
             model=self.model,
-            messages=[m.to_message(i) for i, m in enumerate(self.messages)],
+            messages=messages,
             sampling=self.sampling(json_object, schema),
             keep_alive=parse_keep_alive(self.keep_alive),
         )
@@ -290,7 +340,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     refuse_unimplemented(body)
     req = ChatCompletionRequest.model_validate(body)
-    return await _serve(request, req, req.generation(), chat=True)
+    plan = req.tool_plan()
+    return await _serve(request, req, req.generation(plan), chat=True, tools=plan)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -301,10 +352,14 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _serve(
-    request: web.Request, req: _CommonRequest, gen: GenerationRequest, *, chat: bool
+    request: web.Request, req: _CommonRequest, gen: GenerationRequest, *, chat: bool,
+    tools: tooling.ToolPlan | None = None,
 ) -> web.StreamResponse:
     state = request.app[STATE]
     request[MODEL] = gen.model  # for the audit record
+    end_user = req.safety_identifier or req.user
+    if end_user is not None:
+        request[END_USER] = end_user
     if state.settings.logging.log_content:  # off by default: prompts are private
         log.info("content: %s prompt %r", gen.model, gen.messages or gen.prompt)
     stream = state.scheduler.generate(gen)
@@ -320,6 +375,8 @@ async def _serve(
     created = int(time.time())
     reply = _Reply(request, req, stream, first, rid, created, chat)
     try:
+        if tools is not None:
+            return await _tool_reply(reply)
         return await (_stream(reply) if req.stream else _collect(reply))
     finally:
         await stream.aclose()  # stops generation if the client went away
@@ -372,10 +429,67 @@ async def _collect(reply: _Reply) -> web.Response:
             "object": obj,
             "created": created,
             "model": req.model,
+            **_tier(req),
             "choices": [choice],
             "usage": usage.as_dict(),
         }
     )
+
+
+def _tier(req: _CommonRequest) -> dict[str, str]:
+    """The service tier, in the response when the request named one (there is one tier)."""
+    return {} if req.service_tier is None else {"service_tier": "default"}
+
+
+async def _tool_reply(reply: _Reply) -> web.StreamResponse:
+    """A reply under tools: the whole JSON is generated (grammar-constrained), then turned
+    into `tool_calls` or content, and sent as one response or as OpenAI's deltas."""
+    request, req, stream = reply.request, reply.req, reply.stream
+    chunk: Chunk | None = reply.first
+    usage = _Usage()
+    parts: list[str] = []
+    finish = "stop"
+    while chunk is not None:
+        usage.update(chunk)
+        parts.append(chunk.text)
+        finish = chunk.finish_reason or finish
+        chunk = await anext(stream, None)
+    request[USAGE] = usage.as_dict()
+    content, calls = tooling.parse("".join(parts))
+    if calls:
+        finish = "tool_calls"
+    head = {"id": reply.rid, "created": reply.created, "model": req.model, **_tier(req)}
+    if not req.stream:
+        message: dict[str, Any] = {"role": "assistant", "content": content}
+        if calls:
+            message["tool_calls"] = calls
+        return web.json_response({**head, "object": "chat.completion", "choices": [
+            {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
+            "usage": usage.as_dict()})
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+
+    async def send(delta: dict[str, Any], why: str | None = None,
+                   extra: dict[str, Any] | None = None) -> None:
+        choices = [] if extra else [{"index": 0, "delta": delta, "finish_reason": why,
+                                     "logprobs": None}]
+        payload = {**head, "object": "chat.completion.chunk", "choices": choices,
+                   **(extra or {})}
+        await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    await send({"role": "assistant", "content": ""})
+    if calls:
+        for i, call in enumerate(calls):
+            await send({"tool_calls": [{"index": i, **call}]})
+    elif content:
+        await send({"content": content})
+    await send({}, finish)
+    if req.stream_options is not None and req.stream_options.include_usage:
+        await send({}, None, {"usage": usage.as_dict()})
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 
 
 async def _stream(reply: _Reply) -> web.StreamResponse:
@@ -398,6 +512,7 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
             "object": obj,
             "created": created,
             "model": req.model,
+            **_tier(req),
             "choices": choices,
             **(extra or {}),
         }
@@ -415,7 +530,8 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
 
     # The per-token event differs only in its text: encode the rest once, since on a
     # 2-core device every microsecond here is taken from the model's threads.
-    head = json.dumps({"id": rid, "object": obj, "created": created, "model": req.model})
+    head = json.dumps({"id": rid, "object": obj, "created": created, "model": req.model,
+                       **_tier(req)})
     key = '"delta": {"content": ' if chat else '"text": '
     tail = "}" if chat else ""
     prefix = f'data: {head[:-1]}, "choices": [{{"index": 0, {key}'.encode()
