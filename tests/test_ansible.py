@@ -280,12 +280,15 @@ def test_the_venv_runs_the_agent_and_the_config_validates(target: Target) -> Non
     assert all(d["allowed"] for d in decision["decisions"])
     check = subprocess.run([str(target.agent), "policy", "check",
                             str(target.config / "rbac.yaml")],
-                           capture_output=True, text=True, check=False)
+                           capture_output=True, text=True, check=False,
+                           env={"PATH": "/usr/bin:/bin"})
     assert check.returncode == 0, check.stderr
-    # Enrolled through the controller, as the agent itself reports it.
+    # Enrolled through the controller, as the agent itself reports it. (Only the rendered
+    # config speaks: `make test` exports EDGE_AGENT_HOME for its own daemon.)
     info = subprocess.run(["runuser", "-u", target.user, "--", str(target.agent), "--config",
                            str(config), "device", "info", "--json"],
-                          capture_output=True, text=True, check=False)
+                          capture_output=True, text=True, check=False,
+                          env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"})
     assert info.returncode == 0, info.stderr
     assert '"enrolled"' in info.stdout and "testfleet" in info.stdout
 

@@ -36,7 +36,11 @@ def _snapshot(i: int) -> dict[str, object]:
             "disk_free_bytes": 1, "disk_total_bytes": 2}
 
 
-def test_two_workers_on_a_shared_subscription_store_20000_messages_once(
+# CI size; EDGE_TEST_SCALE_MESSAGES=20000 is the long form (about a minute more here).
+SCALE = int(os.environ.get("EDGE_TEST_SCALE_MESSAGES", "6000"))
+
+
+def test_two_workers_on_a_shared_subscription_store_every_message_once(
     tmp_path: Path, pki: Pki, broker: Broker, postgres: Postgres
 ) -> None:
     url = postgres.create_database("fleet_scale")
@@ -63,7 +67,7 @@ def test_two_workers_on_a_shared_subscription_store_20000_messages_once(
         assert device.connected.wait(10)
         topic = "edge/v1/testfleet/dev-scale/telemetry"
         infos = []
-        for i in range(1, 20_001):
+        for i in range(1, SCALE + 1):
             body = {"v": 1, "device": "dev-scale", "dropped": 0,
                     "records": [{"id": i, "time": float(i), "snapshot": _snapshot(i)}]}
             infos.append(device.client.publish(topic, json.dumps(body).encode(), qos=1))
@@ -79,19 +83,21 @@ def test_two_workers_on_a_shared_subscription_store_20000_messages_once(
             with store.engine.connect() as conn:
                 return int(conn.execute(select(func.count()).select_from(Telemetry)).scalar_one())
 
-        wait_until(lambda: stored() == 20_000, 120, "20000 telemetry records in PostgreSQL")
+        wait_until(lambda: stored() == SCALE, 120, f"{SCALE} telemetry records in PostgreSQL")
         with store.engine.connect() as conn:
             distinct = conn.execute(select(func.count(func.distinct(Telemetry.record_id)))).scalar()
             shares = dict(conn.execute(select(Ingested.worker, Ingested.messages).where(
                 Ingested.kind == "telemetry")).all())
-        assert distinct == 20_000
-        assert set(shares) == {"w-a", "w-b"} and all(n > 1000 for n in shares.values()), shares
-        wait_until(lambda: sum(shares.values()) >= 20_500 or _messages(store) >= 20_500, 60,
+        assert distinct == SCALE
+        assert set(shares) == {"w-a", "w-b"} and all(n > SCALE // 10 for n in shares.values()), \
+            shares
+        wait_until(lambda: sum(shares.values()) >= SCALE + 500
+                   or _messages(store) >= SCALE + 500, 60,
                    "every message (duplicates included) to be handled")
         # Every stored batch was confirmed to the device.
-        wait_until(lambda: len(acks.received("/ack")) >= 20_000, 60, "the confirmations")
+        wait_until(lambda: len(acks.received("/ack")) >= SCALE, 60, "the confirmations")
         confirmed = {a["first"] for a in acks.received("/ack")}
-        assert confirmed == set(range(1, 20_001))
+        assert confirmed == set(range(1, SCALE + 1))
     finally:
         device.close()
         acks.close()
