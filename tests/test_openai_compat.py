@@ -110,8 +110,6 @@ def test_models_retrieve_and_the_routes_without_v1(agent: Daemon) -> None:
 
 
 REFUSED = [
-    ("/v1/chat/completions", "logprobs", True),
-    ("/v1/chat/completions", "top_logprobs", 3),
     ("/v1/chat/completions", "audio", {"voice": "alloy", "format": "wav"}),
     ("/v1/chat/completions", "modalities", ["text", "audio"]),
     ("/v1/chat/completions", "prediction", {"type": "content", "content": "x"}),
@@ -125,7 +123,6 @@ REFUSED = [
     ("/v1/chat/completions", "prompt_cache_options", {"mode": "x"}),
     ("/v1/chat/completions", "prompt_cache_retention", "24h"),
     ("/v1/chat/completions", "service_tier", "flex"),
-    ("/v1/completions", "logprobs", 2),
     ("/v1/completions", "echo", True),
     ("/v1/completions", "suffix", "!"),
     ("/v1/completions", "best_of", 2),
@@ -376,6 +373,8 @@ COVERED = {  # name -> the test that observes its effect
     "safety_identifier": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
     "service_tier": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
     "n": "test_n_above_one_is_refused_with_its_name",
+    "logprobs": "test_chat_logprobs_are_the_models_own_and_match_the_text",
+    "top_logprobs": "test_chat_logprobs_are_the_models_own_and_match_the_text",
 }
 
 
@@ -422,3 +421,50 @@ def test_a_sampling_parameter_changes_what_is_generated(agent: Daemon, path: str
             return str(c["message"]["content"] if "message" in c else c["text"])
 
         assert text(a) != text(b), (name, text(a))
+
+
+
+def test_chat_logprobs_are_the_models_own_and_match_the_text(agent: Daemon) -> None:
+    client = agent.openai()
+    resp = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=12,
+                                          temperature=0, logprobs=True, top_logprobs=3)
+    choice = resp.choices[0]
+    content = choice.logprobs.content
+    assert len(content) == resp.usage.completion_tokens
+    assert "".join(t.token for t in content) == choice.message.content
+    for t in content:
+        assert t.logprob <= 0 and t.bytes == list(t.token.encode())
+        assert len(t.top_logprobs) == 3
+        assert [a.logprob for a in t.top_logprobs] == sorted(
+            (a.logprob for a in t.top_logprobs), reverse=True)
+        # Greedy: the token chosen is the likeliest one.
+        assert t.token == t.top_logprobs[0].token and t.logprob == t.top_logprobs[0].logprob
+    # Streamed: the same tokens, spread over the chunks that carry their text.
+    stream = client.chat.completions.create(model=SMOL, messages=CHAT, max_tokens=12,
+                                            temperature=0, logprobs=True, stream=True)
+    streamed = [t for c in stream if c.choices and c.choices[0].logprobs
+                for t in c.choices[0].logprobs.content]
+    assert [t.token for t in streamed] == [t.token for t in content]
+    r = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT,
+                                              "top_logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_completion_logprobs_agree_with_llama_cpp_python(agent: Daemon,
+                                                         smollm2_gguf: Path) -> None:
+    from llama_cpp import Llama
+
+    prompt = "The capital of France is"
+    ours = _post(agent, "/v1/completions", {"model": SMOL, "prompt": prompt, "max_tokens": 8,
+                                            "temperature": 0, "logprobs": 2}).json()
+    lp = ours["choices"][0]["logprobs"]
+    assert "".join(lp["tokens"]) == ours["choices"][0]["text"]
+    assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    assert all(len(top) == 2 for top in lp["top_logprobs"])
+    # The baseline: llama-cpp-python's own logprobs (every position's logits kept).
+    llm = Llama(str(smollm2_gguf), logits_all=True, n_ctx=512, verbose=False)
+    theirs = llm.create_completion(prompt, max_tokens=8, temperature=0, logprobs=2)
+    base = theirs["choices"][0]["logprobs"]
+    assert lp["tokens"] == base["tokens"]
+    assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], base["token_logprobs"],
+                                          strict=True)) < 0.05

@@ -41,8 +41,6 @@ def parse_keep_alive(value: float | str | None) -> float | None:
 # "off" value, never silently ignored. (What is accepted: the request models below.)
 _NOT_IMPLEMENTED: dict[str, tuple[str, tuple[object, ...]]] = {
     # name: (what it asks for, the values that ask for nothing)
-    "logprobs": ("token log-probabilities", (None, False)),
-    "top_logprobs": ("token log-probabilities", (None, 0)),
     "echo": ("echoing the prompt", (None, False)),
     "suffix": ("suffix insertion", (None, "")),
     "best_of": ("best-of sampling", (None, 1)),
@@ -186,6 +184,10 @@ class _CommonRequest(BaseModel):
         parse_keep_alive(v)
         return v
 
+    def logprob_count(self) -> int | None:
+        """How many alternatives per token to report (None: no log-probabilities)."""
+        return None
+
     def sampling(self, json_object: bool = False, json_schema: str | None = None) -> Sampling:
         fields = {
             k: getattr(self, k)
@@ -205,7 +207,7 @@ class _CommonRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         return Sampling(**fields, stop=stops, json_object=json_object, json_schema=json_schema,
-                        logit_bias=bias)
+                        logit_bias=bias, logprobs=self.logprob_count())
 
 
 class _LegacyCall(BaseModel):
@@ -222,6 +224,14 @@ class ChatCompletionRequest(_CommonRequest):
     parallel_tool_calls: bool | None = None
     functions: list[tooling.FunctionDef] | None = Field(default=None, max_length=128)
     function_call: Literal["none", "auto"] | _LegacyCall | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs",
+                           code="invalid_value")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def tool_plan(self) -> tooling.ToolPlan | None:
         """What the tools (or the legacy functions) ask of the reply, if anything."""
@@ -232,6 +242,10 @@ class ChatCompletionRequest(_CommonRequest):
             choice = (tooling.NamedChoice(function=tooling._Named(name=fc.name))
                       if isinstance(fc, _LegacyCall) else fc)
         p = tooling.plan(tools, choice, self.parallel_tool_calls)
+        if p is not None and self.logprobs:
+            raise APIError(400, "logprobs cannot be combined with tools (the reply is "
+                           "rewritten from the JSON the model writes)", param="logprobs",
+                           code="invalid_value")
         if p is not None and self.response_format is not None \
                 and self.response_format.type != "text":
             raise APIError(400, "response_format cannot be combined with tools (the reply is "
@@ -265,6 +279,10 @@ class ChatCompletionRequest(_CommonRequest):
 class CompletionRequest(_CommonRequest):
     prompt: str | list[str]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
+    logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def logprob_count(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -401,14 +419,17 @@ async def _collect(reply: _Reply) -> web.Response:
     )
     usage = _Usage()
     parts: list[str] = []
+    probs: list[dict[str, Any]] = []
     finish: str | None = None
     chunk: Chunk | None = first
     while chunk is not None:
         usage.update(chunk)
         parts.append(chunk.text)
+        probs.extend(chunk.logprobs or ())
         finish = chunk.finish_reason or finish
         chunk = await anext(stream, None)
     text = "".join(parts)
+    wanted = req.logprob_count() is not None
     request[USAGE] = usage.as_dict()
     if request.app[STATE].settings.logging.log_content:
         log.info("content: %s completion %r", req.model, text)
@@ -417,11 +438,12 @@ async def _collect(reply: _Reply) -> web.Response:
             "index": 0,
             "message": {"role": "assistant", "content": text},
             "finish_reason": finish or "stop",
-            "logprobs": None,
+            "logprobs": _chat_logprobs(probs) if wanted else None,
         }
         obj = "chat.completion"
     else:
-        choice = {"index": 0, "text": text, "finish_reason": finish or "stop", "logprobs": None}
+        choice = {"index": 0, "text": text, "finish_reason": finish or "stop",
+                  "logprobs": _completion_logprobs(probs, 0) if wanted else None}
         obj = "text_completion"
     return web.json_response(
         {
@@ -434,6 +456,24 @@ async def _collect(reply: _Reply) -> web.Response:
             "usage": usage.as_dict(),
         }
     )
+
+
+def _chat_logprobs(probs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Chat's shape: {"content": [{token, logprob, bytes, top_logprobs}], "refusal": None}."""
+    return {"content": probs, "refusal": None}
+
+
+def _completion_logprobs(probs: list[dict[str, Any]], offset: int) -> dict[str, Any]:
+    """The legacy completions shape: parallel lists, offsets into the generated text."""
+    offsets = []
+    for p in probs:
+        offsets.append(offset)
+        offset += len(p["token"])
+    return {"tokens": [p["token"] for p in probs],
+            "token_logprobs": [p["logprob"] for p in probs],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in p["top_logprobs"]}
+                             for p in probs],
+            "text_offset": offsets}
 
 
 def _tier(req: _CommonRequest) -> dict[str, str]:
@@ -540,10 +580,19 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
         await send([{"index": 0, "delta": {"role": "assistant", "content": ""},
                      "finish_reason": None, "logprobs": None}])
     chunk: Chunk | None = first
+    wanted = req.logprob_count() is not None
+    offset = 0  # into the generated text, for the completions shape's text_offset
     try:
         while chunk is not None:
             usage.update(chunk)
-            if chunk.text:
+            if chunk.text and wanted:  # the slow path: this chunk's tokens with the text
+                probs = chunk.logprobs or []
+                c = choice(chunk.text, None)
+                c["logprobs"] = (_chat_logprobs(probs) if chat
+                                 else _completion_logprobs(probs, offset))
+                offset += sum(len(p["token"]) for p in probs)
+                await send([c])
+            elif chunk.text:
                 await resp.write(prefix + json.dumps(chunk.text).encode() + suffix)
             if chunk.finish_reason is not None:  # in its own chunk, with an empty delta
                 await send([choice(None, chunk.finish_reason)])

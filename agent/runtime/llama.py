@@ -336,6 +336,7 @@ class LlamaBackend:
             m.prompt_tokens.labels(model=self.alias).inc(len(tokens))
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         pending = ""
+        probs: list[dict[str, Any]] = []  # logprobs of tokens whose text is not yet sent
         n_out = 0
         finish: str | None = None
         by_sequence = False
@@ -362,6 +363,8 @@ class LlamaBackend:
                     finish = "stop"
                     break
                 n_out += 1
+                if s.logprobs is not None:
+                    probs.append(self._token_logprob(token, s.logprobs))
                 if m is not None:
                     m.tokens_generated.labels(model=self.alias).inc()
                     if n_out > 1:
@@ -380,7 +383,8 @@ class LlamaBackend:
                     pending = emit + pending
                     break
                 if emit:
-                    yield Chunk(text=emit)
+                    yield Chunk(text=emit, logprobs=probs or None)
+                    probs = []
         finally:
             gen.close()
         if not by_sequence:  # bytes after a stop sequence are dropped with it
@@ -390,7 +394,34 @@ class LlamaBackend:
             finish_reason="stop" if finish == "stop" else "length",
             prompt_tokens=len(tokens),
             completion_tokens=n_out,
+            logprobs=probs or None,
         )
+
+    def _token_logprob(self, token: int, top: int) -> dict[str, Any]:
+        """The sampled token's log-probability under the model (log-softmax of the logits
+        it was sampled from, before penalties and grammar) and the `top` likeliest."""
+        import numpy as np
+
+        llm = self._llm
+        # The context's logits of the last position decoded: the ones `token` was sampled
+        # from (llama-cpp-python keeps no copy unless every position's are kept).
+        row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(int(llm.n_vocab()),))
+        logits = row.astype(np.float64)
+        peak = float(logits.max())
+        norm = peak + float(np.log(np.exp(logits - peak).sum()))
+
+        def entry(t: int) -> dict[str, Any]:
+            raw = bytes(llm.detokenize([t]))
+            return {"token": raw.decode("utf-8", "replace"),
+                    "logprob": round(float(logits[t]) - norm, 6), "bytes": list(raw)}
+
+        out = entry(token)
+        best: list[int] = []
+        if top:
+            part = np.argpartition(-logits, top - 1)[:top]
+            best = [int(t) for t in part[np.argsort(-logits[part])]]
+        out["top_logprobs"] = [entry(t) for t in best]
+        return out
 
 
 def open_backend(

@@ -150,9 +150,10 @@ class GenAIBackend:
             raise TaskNotSupported(
                 f"model {self.alias}: JSON mode needs a grammar, which the ONNX backend lacks"
             )
-        if s.logit_bias:
+        if s.logit_bias or s.logprobs is not None:
             raise TaskNotSupported(
-                f"model {self.alias}: logit_bias is not supported by the ONNX backend"
+                f"model {self.alias}: logit_bias and logprobs are not supported by the ONNX "
+                "backend"
             )
         formatted = self.format_prompt(request)
         tokens = self.tokenize(formatted.text) or [next(iter(self._eos), 0)]

@@ -44,6 +44,11 @@ class Sampling(BaseModel):
     logit_bias: dict[int, float] = Field(
         default_factory=dict, description="Added to these tokens' logits; -100 bans a token."
     )
+    logprobs: int | None = Field(
+        default=None, ge=0, le=20,
+        description="Report each generated token's log-probability and this many of the most "
+        "likely alternatives (None: not at all).",
+    )
 
 
 class GenerationRequest(BaseModel):
@@ -63,6 +68,9 @@ class Chunk(BaseModel):
 
     text: str = ""
     finish_reason: Literal["stop", "length"] | None = None
+    # With Sampling.logprobs: the tokens this chunk's text came from, each
+    # {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}.
+    logprobs: list[dict[str, Any]] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
 
