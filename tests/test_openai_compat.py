@@ -468,3 +468,34 @@ def test_completion_logprobs_agree_with_llama_cpp_python(agent: Daemon,
     assert lp["tokens"] == base["tokens"]
     assert max(abs(a - b) for a, b in zip(lp["token_logprobs"], base["token_logprobs"],
                                           strict=True)) < 0.05
+
+
+def test_prompts_as_strings_and_token_ids_give_one_choice_each(agent: Daemon,
+                                                               smollm2_gguf: Path) -> None:
+    from llama_cpp import Llama
+
+    body = {"model": SMOL, "max_tokens": 6, "temperature": 0}
+    prompts = ["The capital of France is", "Once upon a time"]
+    singles = [_post(agent, "/v1/completions", {**body, "prompt": p}).json() for p in prompts]
+    both = _post(agent, "/v1/completions", {**body, "prompt": prompts}).json()
+    assert [c["index"] for c in both["choices"]] == [0, 1]
+    assert [c["text"] for c in both["choices"]] == [s["choices"][0]["text"] for s in singles]
+    assert both["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"]
+                                                     for s in singles)
+    # Token ids: the same tokens as the text gives the same continuation.
+    vocab = Llama(str(smollm2_gguf), vocab_only=True, verbose=False)
+    ids = [vocab.tokenize(p.encode(), add_bos=True, special=True) for p in prompts]
+    one = _post(agent, "/v1/completions", {**body, "prompt": ids[0]}).json()
+    assert one["choices"][0]["text"] == singles[0]["choices"][0]["text"]
+    many = _post(agent, "/v1/completions", {**body, "prompt": ids}).json()
+    assert [c["text"] for c in many["choices"]] == [c["text"] for c in both["choices"]]
+    # Streamed: each prompt's chunks under its index, each with its own finish.
+    chunks = _stream(agent, "/v1/completions", {**body, "prompt": prompts})
+    for i, single in enumerate(singles):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == i]
+        assert "".join(c["text"] for c in mine) == single["choices"][0]["text"]
+        assert mine[-1]["finish_reason"] == "length"
+    bad = _post(agent, "/v1/completions", {**body, "prompt": [10 ** 8]})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    bad = _post(agent, "/v1/completions", {**body, "prompt": ["x"] * 17})
+    assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("prompt")

@@ -276,8 +276,12 @@ class ChatCompletionRequest(_CommonRequest):
         )
 
 
+MAX_PROMPTS = 16  # prompts in one /v1/completions request (each is generated in turn)
+
+
 class CompletionRequest(_CommonRequest):
-    prompt: str | list[str]
+    # OpenAI's four forms: a string, strings, token ids, lists of token ids.
+    prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)  # OpenAI's default for completions
     logprobs: int | None = Field(default=None, ge=0, le=20)
 
@@ -286,19 +290,38 @@ class CompletionRequest(_CommonRequest):
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, v: str | list[str]) -> str | list[str]:
-        if isinstance(v, list) and len(v) != 1:
-            raise ValueError("exactly one prompt is supported")
+    def _prompts(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("at least one prompt")
+            many = isinstance(v[0], str | list)
+            if many and len(v) > MAX_PROMPTS:
+                raise ValueError(f"at most {MAX_PROMPTS} prompts in one request")
+            if any(isinstance(p, list) and not p for p in v):
+                raise ValueError("a token-id prompt needs at least one token")
         return v
 
-    def generation(self) -> GenerationRequest:
-        prompt = self.prompt if isinstance(self.prompt, str) else self.prompt[0]
-        return GenerationRequest(
+    def generations(self) -> list[GenerationRequest]:
+        """One generation per prompt, in order (their choices' indexes)."""
+        p = self.prompt
+        prompts: list[str | list[int]]
+        if isinstance(p, str):
+            prompts = [p]
+        elif p and isinstance(p[0], int):
+            prompts = [p]
+        else:
+            prompts = list(p)  # type: ignore[arg-type]
+        sampling = self.sampling()
+        return [GenerationRequest(
             model=self.model,
-            prompt=prompt,
-            sampling=self.sampling(),
+            prompt=x if isinstance(x, str) else None,
+            prompt_ids=None if isinstance(x, str) else list(x),
+            sampling=sampling,
             keep_alive=parse_keep_alive(self.keep_alive),
-        )
+        ) for x in prompts]
+
+    def generation(self) -> GenerationRequest:
+        return self.generations()[0]
 
 
 async def read_json(request: web.Request) -> Any:
@@ -366,7 +389,67 @@ async def completions(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
     refuse_unimplemented(body)
     req = CompletionRequest.model_validate(body)
-    return await _serve(request, req, req.generation(), chat=False)
+    gens = req.generations()
+    if len(gens) > 1:
+        return await _serve_many(request, req, gens)
+    return await _serve(request, req, gens[0], chat=False)
+
+
+async def _serve_many(request: web.Request, req: CompletionRequest,
+                      gens: list[GenerationRequest]) -> web.StreamResponse:
+    """Several prompts: generated one after another (each admitted on its own), one choice
+    each, usage summed; streamed as chunks whose choice index says which prompt."""
+    state = request.app[STATE]
+    request[MODEL] = req.model
+    rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
+    head = {"id": rid, "object": "text_completion", "created": created, "model": req.model,
+            **_tier(req)}
+    wanted = req.logprob_count() is not None
+    totals = _Usage()
+    resp: web.StreamResponse | None = None
+    choices: list[dict[str, Any]] = []
+
+    async def write(payload: dict[str, Any]) -> None:
+        assert resp is not None
+        await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+    for index, gen in enumerate(gens):
+        usage = _Usage()
+        parts: list[str] = []
+        probs: list[dict[str, Any]] = []
+        finish = "stop"
+        stream = state.scheduler.generate(gen)
+        try:
+            async for chunk in stream:
+                if resp is None and req.stream:  # the first chunk is here: errors had their
+                    resp = web.StreamResponse(headers={  # status; now the stream starts
+                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                    await resp.prepare(request)
+                usage.update(chunk)
+                finish = chunk.finish_reason or finish
+                if req.stream and (chunk.text or chunk.finish_reason):
+                    lp = (_completion_logprobs(chunk.logprobs or [], len("".join(parts)))
+                          if wanted else None)
+                    await write({**head, "choices": [{"index": index, "text": chunk.text,
+                                                      "finish_reason": chunk.finish_reason,
+                                                      "logprobs": lp}]})
+                parts.append(chunk.text)
+                probs.extend(chunk.logprobs or ())
+        finally:
+            await stream.aclose()
+        totals.prompt += usage.prompt
+        totals.completion += usage.completion
+        choices.append({"index": index, "text": "".join(parts), "finish_reason": finish,
+                        "logprobs": _completion_logprobs(probs, 0) if wanted else None})
+    request[USAGE] = totals.as_dict()
+    if not req.stream:
+        return web.json_response({**head, "choices": choices, "usage": totals.as_dict()})
+    assert resp is not None
+    if req.stream_options is not None and req.stream_options.include_usage:
+        await write({**head, "choices": [], "usage": totals.as_dict()})
+    await resp.write(b"data: [DONE]\n\n")
+    await resp.write_eof()
+    return resp
 
 
 async def _serve(

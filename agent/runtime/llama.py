@@ -246,8 +246,17 @@ class LlamaBackend:
         if self.embedding:
             raise TaskNotSupported(f"model {self.alias} is an embedding model; use "
                                    "/v1/embeddings")
-        formatted = self.format_prompt(request)
-        tokens = self.prompt_tokens(formatted)
+        if request.prompt_ids is not None:  # token ids: no template, no tokenizer
+            formatted = FormattedPrompt("", source="raw")
+            tokens = list(request.prompt_ids)
+            n_vocab = int(self._llm.n_vocab())
+            bad = [t for t in tokens if not 0 <= t < n_vocab]
+            if bad or not tokens:
+                raise InvalidSampling(f"prompt token ids must be 0..{n_vocab - 1} (got "
+                                      f"{bad[:5] or 'none'})", "prompt")
+        else:
+            formatted = self.format_prompt(request)
+            tokens = self.prompt_tokens(formatted)
         s = request.sampling
         n_prompt = len(tokens)
         if n_prompt >= self.n_ctx:

@@ -156,7 +156,8 @@ class GenAIBackend:
                 "backend"
             )
         formatted = self.format_prompt(request)
-        tokens = self.tokenize(formatted.text) or [next(iter(self._eos), 0)]
+        tokens = (list(request.prompt_ids) if request.prompt_ids is not None
+                  else self.tokenize(formatted.text) or [next(iter(self._eos), 0)])
         n_prompt = len(tokens)
         if n_prompt >= self.n_ctx:
             raise PromptTooLong(f"prompt is {n_prompt} tokens, context window is {self.n_ctx}")

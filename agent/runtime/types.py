@@ -57,6 +57,9 @@ class GenerationRequest(BaseModel):
     model: str
     messages: list[ChatMessage] | None = None
     prompt: str | None = None
+    prompt_ids: list[int] | None = Field(
+        default=None, description="A completion prompt given as token ids (used as is)."
+    )
     sampling: Sampling = Field(default_factory=Sampling)
     keep_alive: float | None = Field(
         default=None, description="Seconds to keep the model loaded after this request."
