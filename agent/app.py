@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.api import agent_api, embeddings, health, openai
+from agent.api import agent_api, embeddings, health, openai, responses
 from agent.api.access import install_access
 from agent.api.errors import APIError, error_middleware, error_response
 from agent.api.routes import PUBLIC, add_routes, route_spec
@@ -126,7 +126,8 @@ def create_app(settings: Settings) -> web.Application:
         middlewares=[metrics_middleware, error_middleware, stopping_middleware],
     )
     app[STATE] = state
-    add_routes(app, health.ROUTES + openai.ROUTES + embeddings.ROUTES + agent_api.ROUTES)
+    add_routes(app, health.ROUTES + openai.ROUTES + responses.ROUTES + embeddings.ROUTES
+               + agent_api.ROUTES)
     install_access(app, security)
     app.cleanup_ctx.append(_lifespan(state, t0))
     return app

@@ -499,3 +499,42 @@ def test_prompts_as_strings_and_token_ids_give_one_choice_each(agent: Daemon,
     assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
     bad = _post(agent, "/v1/completions", {**body, "prompt": ["x"] * 17})
     assert bad.status_code == 400 and bad.json()["error"]["param"].startswith("prompt")
+
+
+def test_the_responses_api_answers_streams_and_follows_a_schema(agent: Daemon) -> None:
+    client = agent.openai()
+    resp = client.responses.create(model=SMOL, input="Name three colours.",
+                                   instructions="Answer in one short sentence.",
+                                   max_output_tokens=24, temperature=0)
+    assert resp.object == "response" and resp.status in ("completed", "incomplete")
+    assert resp.output_text.strip()
+    assert resp.usage.output_tokens <= 24 and resp.usage.input_tokens > 0
+    # The same through chat completions: the same text (the same messages, greedy).
+    chat = client.chat.completions.create(
+        model=SMOL, max_tokens=24, temperature=0,
+        messages=[{"role": "system", "content": "Answer in one short sentence."},
+                  {"role": "user", "content": "Name three colours."}])
+    assert resp.output_text == chat.choices[0].message.content
+    # Streamed: typed events in order; the deltas make the final text.
+    events = list(client.responses.create(model=SMOL, input="Name three colours.",
+                                          instructions="Answer in one short sentence.",
+                                          max_output_tokens=24, temperature=0, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert kinds[-1] in ("response.completed", "response.incomplete")
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas == events[-1].response.output_text == resp.output_text
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    # Input messages and a JSON Schema for the text.
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "green", "blue"]}},
+              "required": ["colour"], "additionalProperties": False}
+    structured = client.responses.create(
+        model=SMOL, max_output_tokens=32,
+        input=[{"role": "user", "content": [{"type": "input_text",
+                                             "text": "Pick a colour, as JSON."}]}],
+        text={"format": {"type": "json_schema", "name": "pick", "schema": schema}})
+    jsonschema.validate(json.loads(structured.output_text), schema)
+    r = _post(agent, "/v1/responses", {"model": SMOL, "input": "Hi",
+                                       "previous_response_id": "resp_123"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"

@@ -304,13 +304,8 @@ class CompletionRequest(_CommonRequest):
     def generations(self) -> list[GenerationRequest]:
         """One generation per prompt, in order (their choices' indexes)."""
         p = self.prompt
-        prompts: list[str | list[int]]
-        if isinstance(p, str):
-            prompts = [p]
-        elif p and isinstance(p[0], int):
-            prompts = [p]
-        else:
-            prompts = list(p)  # type: ignore[arg-type]
+        one = isinstance(p, str) or (bool(p) and isinstance(p[0], int))
+        prompts: list[Any] = [p] if one else list(p)
         sampling = self.sampling()
         return [GenerationRequest(
             model=self.model,
