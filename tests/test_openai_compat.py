@@ -538,3 +538,93 @@ def test_the_responses_api_answers_streams_and_follows_a_schema(agent: Daemon) -
     r = _post(agent, "/v1/responses", {"model": SMOL, "input": "Hi",
                                        "previous_response_id": "resp_123"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+
+
+# -- llama.cpp's server suite, the model-agnostic cases on the OpenAI routes ------------
+# From tools/server/tests/unit/test_chat_completion.py in the llama.cpp sources vendored by
+# the pinned llama-cpp-python, run here through the socket against SmolLM2 (their fixture
+# is a tinyllama with exact-text expectations; the properties they check are kept):
+#   test_invalid_chat_completion_req      -> test_llama_suite_invalid_chat_requests
+#   test_chat_completion_stream           -> test_llama_suite_stream_invariants
+#   test_chat_completion_with_openai_library, test_logprobs, test_logprobs_stream
+#                                         -> test_llama_suite_openai_library_and_logprobs
+#   test_completion_with_response_format  -> test_llama_suite_response_formats
+# Not taken: exact-text and exact-token-count cases (model-specific), /apply-template,
+# "__verbose", timings_per_token, the "grammar" and top-level "json_schema" extensions
+# (llama-server's own, not OpenAI's), and their case of two assistant turns in a row,
+# which OpenAI's API accepts and so do we.
+
+@pytest.mark.parametrize("messages", [
+    None, "string", [123], [{}], [{"role": 123}], [{"role": "system", "content": 123}],
+    [{"role": "system", "content": "test"}, {}],
+], ids=["none", "string", "int", "empty", "role-int", "content-int", "second-empty"])
+def test_llama_suite_invalid_chat_requests(agent: Daemon, messages: object) -> None:
+    r = _post(agent, "/chat/completions", {"model": SMOL, "messages": messages})
+    assert r.status_code == 400 and "error" in r.json()
+
+
+def test_llama_suite_stream_invariants(agent: Daemon) -> None:
+    chunks = _stream(agent, "/chat/completions", {
+        "model": SMOL, "max_tokens": 8, "stream_options": {"include_usage": True},
+        "messages": [{"role": "system", "content": "Book"},
+                     {"role": "user", "content": "What is the best book"}]})
+    assert len({c["id"] for c in chunks}) == 1
+    content = ""
+    for i, c in enumerate(chunks):
+        if not c["choices"]:
+            assert c["usage"]["completion_tokens"] == 8 and c["usage"]["prompt_tokens"] > 0
+            continue
+        choice = c["choices"][0]
+        assert ("role" in choice["delta"]) == (i == 0)
+        if choice["finish_reason"] is not None:
+            assert "content" not in choice["delta"] and choice["finish_reason"] == "length"
+        else:
+            content += choice["delta"].get("content") or ""
+    assert content
+
+
+def test_llama_suite_openai_library_and_logprobs(agent: Daemon) -> None:
+    client = agent.openai()
+    book = [{"role": "system", "content": "Book"},
+            {"role": "user", "content": "What is the best book"}]
+    res = client.chat.completions.create(model=SMOL, messages=book, max_tokens=8, seed=42,
+                                         temperature=0.8)
+    assert res.choices[0].finish_reason == "length" and res.choices[0].message.content
+    res = client.chat.completions.create(model=SMOL, messages=book, max_tokens=5,
+                                         temperature=0, logprobs=True, top_logprobs=10)
+    assert "".join(t.token for t in res.choices[0].logprobs.content) == \
+        res.choices[0].message.content
+    assert all(t.logprob <= 0 and t.bytes is not None and t.top_logprobs
+               for t in res.choices[0].logprobs.content)
+    output = aggregated = ""
+    for data in client.chat.completions.create(model=SMOL, messages=book, max_tokens=5,
+                                               temperature=0, logprobs=True,
+                                               top_logprobs=10, stream=True):
+        choice = data.choices[0]
+        if choice.finish_reason is None and choice.delta.content:
+            output += choice.delta.content
+            aggregated += "".join(t.token for t in choice.logprobs.content)
+    assert aggregated == output
+
+
+@pytest.mark.parametrize(("response_format", "expect"), [
+    ({"type": "json_schema", "json_schema": {"schema": {"const": "foooooo"}}}, '"foooooo"'),
+    ({"type": "json_object"}, None),
+    ({"type": "sound"}, 400),
+    ({"type": "json_schema", "json_schema": {"schema": 123}}, 400),
+])
+def test_llama_suite_response_formats(agent: Daemon, response_format: dict[str, Any],
+                                      expect: str | int | None) -> None:
+    r = _post(agent, "/chat/completions", {
+        "model": SMOL, "max_tokens": 10, "response_format": response_format,
+        "messages": [{"role": "system", "content": "You are a coding assistant."},
+                     {"role": "user", "content": "Write an example"}]})
+    if expect == 400:
+        assert r.status_code == 400 and "error" in r.json()
+        return
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["message"]["content"]
+    if expect is None:
+        assert content.lstrip().startswith("{")
+    else:
+        assert content == expect
