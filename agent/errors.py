@@ -10,6 +10,7 @@ exit codes once (agent.cli); every message is one line a person can act on.
     │   ├── PromptTooLong      prompt does not fit the context window    (400)
     │   ├── ChatNotSupported   no chat template for this model           (400)
     │   ├── TaskNotSupported   the model cannot serve this route         (400)
+    │   ├── InvalidSampling    a sampling parameter the model cannot honour (400, names it)
     │   └── Stopping           the agent is shutting down                (503)
     ├── QuantizeError          the quantizer refused or failed (`models quantize`)
     ├── SecurityError
@@ -44,6 +45,7 @@ __all__ = [
     "DeviceKeyError",
     "ExpiredToken",
     "InferenceError",
+    "InvalidSampling",
     "InvalidToken",
     "ListenerError",
     "ModelLoadFailed",
@@ -106,7 +108,7 @@ class InvalidSampling(InferenceError):
     """A sampling parameter the model cannot honour as given (a token id outside its
     vocabulary, a JSON schema that has no grammar); `param` names the field."""
 
-    def __init__(self, message: str, param: str) -> None:
+    def __init__(self, message: str, param: str = "sampling") -> None:
         super().__init__(message)
         self.param = param
 

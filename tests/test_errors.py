@@ -48,7 +48,8 @@ def test_status_of_each_inference_error() -> None:
     got = {cls.__name__: to_api_error(cls("x")).status  # type: ignore[union-attr]
            for cls in _subclasses(E.InferenceError)}
     assert got == {"ModelLoadFailed": 503, "QueueFull": 429, "PromptTooLong": 400,
-                   "ChatNotSupported": 400, "TaskNotSupported": 400, "Stopping": 503}
+                   "ChatNotSupported": 400, "TaskNotSupported": 400, "Stopping": 503,
+                   "InvalidSampling": 400}
 
 
 @pytest.mark.parametrize("cls", _subclasses(E.AgentError))
