@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent.api.access import MODEL, USAGE
 from agent.api.errors import APIError
-from agent.api.openai import parse_keep_alive, read_json
+from agent.api.openai import KeepAlive, parse_keep_alive, read_json
 from agent.api.routes import RouteSpec
 from agent.runtime.backend import Backend
 from agent.runtime.types import Embeddings
@@ -29,7 +29,7 @@ class EmbeddingRequest(BaseModel):
     input: str | list[str] = Field(description="Text, or texts, to embed.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
     @field_validator("input")
     @classmethod
@@ -38,11 +38,6 @@ class EmbeddingRequest(BaseModel):
             raise ValueError("input must not be empty")
         return v
 
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, v: float | str | None) -> float | str | None:
-        parse_keep_alive(v)
-        return v
 
     def texts(self) -> list[str]:
         return [self.input] if isinstance(self.input, str) else list(self.input)

@@ -9,10 +9,10 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from agent.api import tools as tooling
 from agent.api.access import END_USER, MODEL, USAGE
@@ -26,6 +26,11 @@ _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
 _UNIT = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
 
+def _checked_keep_alive(value: float | str | None) -> float | str | None:
+    parse_keep_alive(value)
+    return value
+
+
 def parse_keep_alive(value: float | str | None) -> float | None:
     """Ollama-style keep_alive: seconds, or "10m"/"1h"/"0"; negative keeps it forever."""
     if value is None or isinstance(value, int | float):
@@ -34,6 +39,10 @@ def parse_keep_alive(value: float | str | None) -> float | None:
     if not m:
         raise ValueError("keep_alive must be seconds or a duration like '30s', '5m', '1h'")
     return float(m.group(1)) * _UNIT[m.group(2)]
+
+
+# Checked where the request is read: a bad value is a 400 naming keep_alive.
+KeepAlive = Annotated[float | str | None, AfterValidator(_checked_keep_alive)]
 
 
 # Request fields of OpenAI's API that change what is generated and that edge-agent does not
@@ -67,12 +76,14 @@ def _is_off(value: object, off: tuple[object, ...]) -> bool:
     return any(type(value) is type(o) and value == o for o in off)
 
 
-def refuse_unimplemented(body: Any) -> None:
+def refuse_unimplemented(body: Any,
+                         table: dict[str, tuple[str, tuple[object, ...]]] | None = None) -> None:
     """400 for a request that asks for something this server does not do (an app must
-    not find out in production that a parameter was dropped)."""
+    not find out in production that a parameter was dropped). `table`: name → (what it
+    asks for, its "off" values); default: the completions routes' table."""
     if not isinstance(body, dict):
         return
-    for name, (what, off) in _NOT_IMPLEMENTED.items():
+    for name, (what, off) in (_NOT_IMPLEMENTED if table is None else table).items():
         if name in body and not _is_off(body[name], off):
             raise APIError(400, f"{name}: {what} is not supported by edge-agent; leave "
                            f"`{name}` unset", param=name, code="unsupported_parameter")
@@ -82,6 +93,22 @@ class ContentPart(BaseModel):
     model_config = ConfigDict(extra="allow")
     type: str = Field(max_length=64)
     text: str | None = None
+
+
+def join_text_parts(parts: list[ContentPart], where: str, kinds: tuple[str, ...]) -> str:
+    """Typed text parts joined with a newline, as llama.cpp's chat code joins them; any
+    other part (an image, audio) is a 400 naming it (`where`: e.g. "messages.0")."""
+    texts = []
+    for j, part in enumerate(parts):
+        if part.type not in kinds or part.text is None:
+            what = "images" if part.type in ("image_url", "input_image") \
+                else f"{part.type!r} parts"
+            head, _, tail = where.partition(".")
+            raise APIError(400, f"{head}[{tail}].content[{j}]: the models here take text "
+                           f"only, not {what}", param=f"{where}.content.{j}.type",
+                           code="unsupported_content")
+        texts.append(part.text)
+    return "\n".join(texts)
 
 
 class MessageIn(BaseModel):
@@ -103,16 +130,7 @@ class MessageIn(BaseModel):
     def to_message(self, index: int) -> ChatMessage:
         content = self.content
         if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if part.type != "text" or part.text is None:
-                    what = "images" if part.type == "image_url" else f"{part.type!r} parts"
-                    raise APIError(400, f"messages[{index}].content[{j}]: the models here "
-                                   f"take text only, not {what}",
-                                   param=f"messages.{index}.content.{j}.type",
-                                   code="unsupported_content")
-                texts.append(part.text)
-            content = "\n".join(texts)  # as llama.cpp's chat code joins typed text parts
+            content = join_text_parts(content, f"messages.{index}", ("text",))
         return ChatMessage(role=self.role, content=content or "")
 
 
@@ -153,7 +171,7 @@ class _CommonRequest(BaseModel):
     seed: int | None = None
     stop: str | list[str] | None = None
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
     # The app's end user, for its own abuse tracing: recorded in the audit record.
     user: str | None = Field(default=None, max_length=256)
@@ -176,12 +194,6 @@ class _CommonRequest(BaseModel):
         stops = [v] if isinstance(v, str) else (v or [])
         if len(stops) > 8 or any(not s for s in stops):
             raise ValueError("stop takes up to 8 non-empty strings")
-        return v
-
-    @field_validator("keep_alive")
-    @classmethod
-    def _keep_alive(cls, v: float | str | None) -> float | str | None:
-        parse_keep_alive(v)
         return v
 
     def logprob_count(self) -> int | None:

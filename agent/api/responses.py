@@ -20,7 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.api.access import END_USER, MODEL, USAGE
 from agent.api.errors import APIError
-from agent.api.openai import ContentPart, parse_keep_alive, read_json
+from agent.api.openai import (
+    ContentPart,
+    KeepAlive,
+    join_text_parts,
+    parse_keep_alive,
+    read_json,
+    refuse_unimplemented,
+)
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
@@ -39,12 +46,6 @@ _REFUSED: dict[str, tuple[str, tuple[object, ...]]] = {
     "max_tool_calls": ("tools in the Responses API", (None,)),
     "top_logprobs": ("log-probabilities in the Responses API", (None, 0)),
 }
-
-
-def _off(value: object, off: tuple[object, ...]) -> bool:
-    if isinstance(value, list):
-        value = tuple(value)
-    return any(type(value) is type(o) and value == o for o in off)
 
 
 class InputItem(BaseModel):
@@ -80,7 +81,7 @@ class ResponsesRequest(BaseModel):
     metadata: dict[str, str] | None = Field(default=None, max_length=16)
     user: str | None = Field(default=None, max_length=256)
     safety_identifier: str | None = Field(default=None, max_length=256)
-    keep_alive: float | str | None = None
+    keep_alive: KeepAlive = None
 
     def generation(self) -> GenerationRequest:
         messages: list[ChatMessage] = []
@@ -92,16 +93,8 @@ class ResponsesRequest(BaseModel):
             for i, item in enumerate(self.input):
                 content = item.content
                 if isinstance(content, list):
-                    texts = []
-                    for j, part in enumerate(content):
-                        if part.type not in ("input_text", "output_text", "text") \
-                                or part.text is None:
-                            raise APIError(400, f"input[{i}].content[{j}]: the models here "
-                                           f"take text only, not {part.type!r} parts",
-                                           param=f"input.{i}.content.{j}.type",
-                                           code="unsupported_content")
-                        texts.append(part.text)
-                    content = "\n".join(texts)
+                    content = join_text_parts(content, f"input.{i}",
+                                              ("input_text", "output_text", "text"))
                 messages.append(ChatMessage(role=item.role, content=content))
         fmt = self.text.format
         if fmt.type == "json_schema" and fmt.schema_ is None:
@@ -118,11 +111,7 @@ class ResponsesRequest(BaseModel):
 
 async def create_response(request: web.Request) -> web.StreamResponse:
     body = await read_json(request)
-    if isinstance(body, dict):
-        for name, (what, off) in _REFUSED.items():
-            if name in body and not _off(body[name], off):
-                raise APIError(400, f"{name}: {what} is not supported by edge-agent",
-                               param=name, code="unsupported_parameter")
+    refuse_unimplemented(body, _REFUSED)
     req = ResponsesRequest.model_validate(body)
     gen = req.generation()
     state = request.app[STATE]
