@@ -11,7 +11,8 @@ exit codes once (agent.cli); every message is one line a person can act on.
     │   ├── ChatNotSupported   no chat template for this model           (400)
     │   ├── TaskNotSupported   the model cannot serve this route         (400)
     │   ├── InvalidSampling    a sampling parameter the model cannot honour (400, names it)
-    │   └── Stopping           the agent is shutting down                (503)
+    │   ├── Stopping           the agent is shutting down                (503)
+    │   └── GenerationFailed   llama.cpp failed a decode step            (503)
     ├── QuantizeError          the quantizer refused or failed (`models quantize`)
     ├── SecurityError
     │   ├── PolicyError        the RBAC policy file is invalid (file:line: field: why)
@@ -44,6 +45,7 @@ __all__ = [
     "DaemonError",
     "DeviceKeyError",
     "ExpiredToken",
+    "GenerationFailed",
     "InferenceError",
     "InvalidSampling",
     "InvalidToken",
@@ -115,6 +117,10 @@ class InvalidSampling(InferenceError):
 
 class Stopping(InferenceError):
     """The agent is shutting down."""
+
+
+class GenerationFailed(InferenceError):
+    """llama.cpp failed a decode step (not a request error: every sequence in it fails)."""
 
 
 class QuantizeError(AgentError):

@@ -46,6 +46,25 @@ class Metrics:
             buckets=TOKEN_BUCKETS,
             registry=r,
         )
+        self.batch_sequences = Histogram(
+            "edge_agent_batch_sequences",
+            "Sequences advanced together by one decode step (continuous batching).",
+            ["model"],
+            buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32),
+            registry=r,
+        )
+        self.prompt_cache_hits = Counter(
+            "edge_agent_prompt_cache_hits",
+            "Requests whose prompt began with tokens already in a sequence's cache.",
+            ["model"],
+            registry=r,
+        )
+        self.prompt_cache_tokens = Counter(
+            "edge_agent_prompt_cache_tokens",
+            "Prompt tokens taken from the prefix cache instead of evaluated.",
+            ["model"],
+            registry=r,
+        )
         self.loaded_models = Gauge(
             "edge_agent_loaded_models", "Models currently loaded.", registry=r
         )

@@ -140,7 +140,22 @@ class RuntimeSettings(_Section):
     context_length: int = Field(
         default=4096,
         ge=128,
-        description="Context window to load models with (capped by the model).",
+        description="Context window to load models with (capped by the model); a GGUF "
+        "model's concurrent requests share it.",
+    )
+    parallel: int = Field(
+        default=4,
+        ge=1,
+        le=64,
+        description="Requests one GGUF model generates at once, batched into one decode "
+        "step (continuous batching); more wait in its queue. Also the most `n` choices.",
+    )
+    prompt_chunk: int = Field(
+        default=256,
+        ge=16,
+        le=512,
+        description="Prompt tokens evaluated per decode step: a long prompt arriving "
+        "mid-stream delays the other streams by at most one chunk.",
     )
     onnx: OnnxSettings = Field(
         default_factory=OnnxSettings,

@@ -49,7 +49,7 @@ def test_status_of_each_inference_error() -> None:
            for cls in _subclasses(E.InferenceError)}
     assert got == {"ModelLoadFailed": 503, "QueueFull": 429, "PromptTooLong": 400,
                    "ChatNotSupported": 400, "TaskNotSupported": 400, "Stopping": 503,
-                   "InvalidSampling": 400}
+                   "InvalidSampling": 400, "GenerationFailed": 503}
 
 
 @pytest.mark.parametrize("cls", _subclasses(E.AgentError))

@@ -330,8 +330,32 @@ def test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed(agent: Daemo
     assert "kiosk-7" in users and "hash-of-user-9" in users
 
 
-def test_n_above_one_is_refused_with_its_name(agent: Daemon) -> None:
-    r = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT, "n": 2})
+def test_n_choices_share_the_prompt_and_each_has_its_index(agent: Daemon) -> None:
+    # llama.cpp's server suite expects n: 2 to work; sampled, so the choices may differ.
+    body = {"model": SMOL, "messages": CHAT, "n": 2, "max_tokens": 12, "temperature": 1.0,
+            "seed": 5}
+    r = _post(agent, "/v1/chat/completions", body).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    assert all(c["message"]["content"] for c in r["choices"])
+    assert r["usage"]["completion_tokens"] <= 24 and r["usage"]["prompt_tokens"] > 0
+    again = _post(agent, "/v1/chat/completions", body).json()
+    assert [c["message"] for c in again["choices"]] == [c["message"] for c in r["choices"]]
+    # Streamed completions: every event names its choice; each choice ends once.
+    with agent.client() as c, c.stream("POST", "/v1/completions", json={
+            "model": SMOL, "prompt": "Once upon a time", "n": 3, "max_tokens": 6,
+            "temperature": 0.9, "stream": True}) as resp:
+        events = [e for e in sse_events(resp.iter_lines()) if isinstance(e, dict)]
+    text = {i: "".join(e["choices"][0]["text"] for e in events
+                       if e["choices"] and e["choices"][0]["index"] == i) for i in range(3)}
+    ends = [e["choices"][0]["index"] for e in events
+            if e["choices"] and e["choices"][0]["finish_reason"]]
+    assert sorted(ends) == [0, 1, 2] and all(text.values())
+    # More choices than the model has sequences, or with tools: refused by name.
+    r = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT, "n": 9})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "n"
+    r = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT, "n": 2,
+                                              "tools": [{"type": "function",
+                                                         "function": {"name": "f"}}]})
     assert r.status_code == 400 and r.json()["error"]["param"] == "n"
 
 
@@ -372,7 +396,7 @@ COVERED = {  # name -> the test that observes its effect
     "user": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
     "safety_identifier": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
     "service_tier": "test_the_end_user_is_in_the_audit_record_and_the_tier_is_echoed",
-    "n": "test_n_above_one_is_refused_with_its_name",
+    "n": "test_n_choices_share_the_prompt_and_each_has_its_index",
     "logprobs": "test_chat_logprobs_are_the_models_own_and_match_the_text",
     "top_logprobs": "test_chat_logprobs_are_the_models_own_and_match_the_text",
 }

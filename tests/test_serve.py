@@ -146,10 +146,12 @@ def test_two_concurrent_clients_on_one_model_are_both_served(agent: Daemon) -> N
 
 
 def test_queue_overflow_gives_429_with_retry_after(home: Path) -> None:
-    # queue_size 0: while the model generates for one client, the next is refused at once.
-    # (Waiting in a non-empty queue is covered by test_lifecycle.)
+    # parallel 1, queue_size 0: while the model generates for one client, the next is
+    # refused at once. (Waiting in a non-empty queue is covered by test_lifecycle; several
+    # generating at once by test_batching.)
     with (
-        running(home, {"EDGE_AGENT_RUNTIME__QUEUE_SIZE": "0"}) as d,
+        running(home, {"EDGE_AGENT_RUNTIME__QUEUE_SIZE": "0",
+                       "EDGE_AGENT_RUNTIME__PARALLEL": "1"}) as d,
         d.client() as c1,
         d.client() as c2,
         c1.stream("POST", "/v1/completions", json={"model": SMOL, **COUNT}) as r1,
@@ -178,8 +180,8 @@ def test_client_disconnect_stops_generation(agent: Daemon) -> None:
                 received += 1
             if received == 3:
                 break  # leaving the block closes the connection mid-stream
-    # One generation runs at a time per model: this request is served only after the
-    # abandoned one has stopped, so the counter below is final for it.
+    # The abandoned sequence leaves the batch at the next decode step, so by the time this
+    # request has finished, the counter below is final for it.
     with agent.client() as c:
         after_req = c.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 1})
     assert after_req.status_code == 200

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 
 from agent.errors import (
     ChatNotSupported,
+    GenerationFailed,
     InvalidSampling,
     ModelLoadFailed,
     PolicyError,
@@ -97,6 +98,8 @@ def to_api_error(exc: BaseException) -> APIError | None:
             return APIError(503, str(exc), type="server_error", code="model_load_failed")
         case Stopping():
             return APIError(503, str(exc), type="server_error", code="stopping")
+        case GenerationFailed():
+            return APIError(503, str(exc), type="server_error", code="generation_failed")
         case TokenError():
             return APIError(401, str(exc), type="authentication_error", code="invalid_token")
         case PolicyError():

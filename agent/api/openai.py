@@ -169,9 +169,15 @@ class _CommonRequest(BaseModel):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     seed: int | None = None
+    ignore_eos: bool | None = None  # llama.cpp's: generate exactly max_tokens
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="Only one choice is generated.")
+    n: int = Field(default=1, ge=1, le=16, description="Choices to generate: parallel "
+                   "sequences sharing the prompt's evaluation (at most runtime.parallel).")
     keep_alive: KeepAlive = None
+    cache_prompt: bool | None = Field(
+        default=None, description="llama.cpp's: reuse a cached prompt prefix (default: "
+        "yes, unless temperature is 0 or `seed` is set: those ask for the same text every "
+        "time, which a prefix evaluated in another batch shape does not guarantee).")
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
     # The app's end user, for its own abuse tracing: recorded in the audit record.
     user: str | None = Field(default=None, max_length=256)
@@ -213,6 +219,7 @@ class _CommonRequest(BaseModel):
                 "presence_penalty",
                 "frequency_penalty",
                 "seed",
+                "ignore_eos",
             )
             if getattr(self, k) is not None
         }
@@ -254,6 +261,9 @@ class ChatCompletionRequest(_CommonRequest):
             choice = (tooling.NamedChoice(function=tooling._Named(name=fc.name))
                       if isinstance(fc, _LegacyCall) else fc)
         p = tooling.plan(tools, choice, self.parallel_tool_calls)
+        if p is not None and self.n > 1:
+            raise APIError(400, "n above 1 cannot be combined with tools", param="n",
+                           code="invalid_value")
         if p is not None and self.logprobs:
             raise APIError(400, "logprobs cannot be combined with tools (the reply is "
                            "rewritten from the JSON the model writes)", param="logprobs",
@@ -285,6 +295,8 @@ class ChatCompletionRequest(_CommonRequest):
             messages=messages,
             sampling=self.sampling(json_object, schema),
             keep_alive=parse_keep_alive(self.keep_alive),
+            cache_prompt=self.cache_prompt,
+            n=self.n,
         )
 
 
@@ -325,6 +337,8 @@ class CompletionRequest(_CommonRequest):
             prompt_ids=None if isinstance(x, str) else list(x),
             sampling=sampling,
             keep_alive=parse_keep_alive(self.keep_alive),
+            cache_prompt=self.cache_prompt,
+            n=self.n,
         ) for x in prompts]
 
     def generation(self) -> GenerationRequest:
@@ -369,18 +383,26 @@ class _Usage:
     def __init__(self) -> None:
         self.prompt = 0
         self.completion = 0
+        self.cached = 0
+        self._choices: dict[int, int] = {}  # completion tokens of each of the n choices
 
     def update(self, chunk: Chunk) -> None:
         if chunk.prompt_tokens is not None:
             self.prompt = chunk.prompt_tokens
         if chunk.completion_tokens is not None:
-            self.completion = chunk.completion_tokens
+            self._choices[chunk.index] = chunk.completion_tokens
+            self.completion = sum(self._choices.values())
+        if chunk.cached_tokens is not None:
+            self.cached = chunk.cached_tokens
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
+        """OpenAI's usage object; prompt tokens taken from the prefix cache are counted in
+        prompt_tokens_details.cached_tokens, as OpenAI reports its own prompt caching."""
         return {
             "prompt_tokens": self.prompt,
             "completion_tokens": self.completion,
             "total_tokens": self.prompt + self.completion,
+            "prompt_tokens_details": {"cached_tokens": self.cached},
         }
 
 
@@ -404,8 +426,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def _serve_many(request: web.Request, req: CompletionRequest,
                       gens: list[GenerationRequest]) -> web.StreamResponse:
-    """Several prompts: generated one after another (each admitted on its own), one choice
-    each, usage summed; streamed as chunks whose choice index says which prompt."""
+    """Several prompts: generated one after another (each admitted on its own), `n` choices
+    each, usage summed; streamed as chunks whose choice index is prompt × n + choice (as
+    OpenAI numbers them)."""
     state = request.app[STATE]
     request[MODEL] = req.model
     rid, created = "cmpl-" + uuid.uuid4().hex[:24], int(time.time())
@@ -420,11 +443,12 @@ async def _serve_many(request: web.Request, req: CompletionRequest,
         assert resp is not None
         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
-    for index, gen in enumerate(gens):
+    n = req.n
+    for p_index, gen in enumerate(gens):
         usage = _Usage()
-        parts: list[str] = []
-        probs: list[dict[str, Any]] = []
-        finish = "stop"
+        parts: dict[int, list[str]] = {i: [] for i in range(n)}
+        probs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(n)}
+        finish = dict.fromkeys(range(n), "stop")
         stream = state.scheduler.generate(gen)
         try:
             async for chunk in stream:
@@ -433,21 +457,26 @@ async def _serve_many(request: web.Request, req: CompletionRequest,
                         "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
                     await resp.prepare(request)
                 usage.update(chunk)
-                finish = chunk.finish_reason or finish
+                i = chunk.index
+                finish[i] = chunk.finish_reason or finish[i]
                 if req.stream and (chunk.text or chunk.finish_reason):
-                    lp = (_completion_logprobs(chunk.logprobs or [], len("".join(parts)))
+                    lp = (_completion_logprobs(chunk.logprobs or [], len("".join(parts[i])))
                           if wanted else None)
-                    await write({**head, "choices": [{"index": index, "text": chunk.text,
+                    await write({**head, "choices": [{"index": p_index * n + i,
+                                                      "text": chunk.text,
                                                       "finish_reason": chunk.finish_reason,
                                                       "logprobs": lp}]})
-                parts.append(chunk.text)
-                probs.extend(chunk.logprobs or ())
+                parts[i].append(chunk.text)
+                probs[i].extend(chunk.logprobs or ())
         finally:
             await stream.aclose()
         totals.prompt += usage.prompt
         totals.completion += usage.completion
-        choices.append({"index": index, "text": "".join(parts), "finish_reason": finish,
-                        "logprobs": _completion_logprobs(probs, 0) if wanted else None})
+        totals.cached += usage.cached
+        choices.extend({"index": p_index * n + i, "text": "".join(parts[i]),
+                        "finish_reason": finish[i],
+                        "logprobs": _completion_logprobs(probs[i], 0) if wanted else None}
+                       for i in range(n))
     request[USAGE] = totals.as_dict()
     if not req.stream:
         return web.json_response({**head, "choices": choices, "usage": totals.as_dict()})
@@ -508,41 +537,42 @@ async def _collect(reply: _Reply) -> web.Response:
         reply.request, reply.req, reply.stream, reply.first, reply.rid, reply.created, reply.chat
     )
     usage = _Usage()
-    parts: list[str] = []
-    probs: list[dict[str, Any]] = []
-    finish: str | None = None
+    parts: dict[int, list[str]] = {i: [] for i in range(req.n)}
+    probs: dict[int, list[dict[str, Any]]] = {i: [] for i in range(req.n)}
+    finish: dict[int, str] = {}
     chunk: Chunk | None = first
     while chunk is not None:
         usage.update(chunk)
-        parts.append(chunk.text)
-        probs.extend(chunk.logprobs or ())
-        finish = chunk.finish_reason or finish
+        parts.setdefault(chunk.index, []).append(chunk.text)
+        probs.setdefault(chunk.index, []).extend(chunk.logprobs or ())
+        if chunk.finish_reason:
+            finish[chunk.index] = chunk.finish_reason
         chunk = await anext(stream, None)
-    text = "".join(parts)
     wanted = req.logprob_count() is not None
     request[USAGE] = usage.as_dict()
-    if request.app[STATE].settings.logging.log_content:
-        log.info("content: %s completion %r", req.model, text)
-    if chat:
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", "content": text},
-            "finish_reason": finish or "stop",
-            "logprobs": _chat_logprobs(probs) if wanted else None,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "finish_reason": finish or "stop",
-                  "logprobs": _completion_logprobs(probs, 0) if wanted else None}
-        obj = "text_completion"
+    choices: list[dict[str, Any]] = []
+    for i in sorted(parts):
+        text = "".join(parts[i])
+        if request.app[STATE].settings.logging.log_content:
+            log.info("content: %s completion %r", req.model, text)
+        if chat:
+            choices.append({
+                "index": i,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish.get(i, "stop"),
+                "logprobs": _chat_logprobs(probs[i]) if wanted else None,
+            })
+        else:
+            choices.append({"index": i, "text": text, "finish_reason": finish.get(i, "stop"),
+                            "logprobs": _completion_logprobs(probs[i], 0) if wanted else None})
     return web.json_response(
         {
             "id": rid,
-            "object": obj,
+            "object": "chat.completion" if chat else "text_completion",
             "created": created,
             "model": req.model,
             **_tier(req),
-            "choices": [choice],
+            "choices": choices,
             "usage": usage.as_dict(),
         }
     )
@@ -648,15 +678,12 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
         }
         await resp.write(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
-    def choice(text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def choice(index: int, text: str | None, finish: str | None) -> dict[str, Any]:
         if not chat:
-            return {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        delta: dict[str, Any] = {}
-        if role:
-            delta["role"] = "assistant"
-        if text:
-            delta["content"] = text
-        return {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
+            return {"index": index, "text": text or "", "finish_reason": finish,
+                    "logprobs": None}
+        delta: dict[str, Any] = {"content": text} if text else {}
+        return {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
 
     # The per-token event differs only in its text: encode the rest once, since on a
     # 2-core device every microsecond here is taken from the model's threads.
@@ -664,28 +691,31 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
                        **_tier(req)})
     key = '"delta": {"content": ' if chat else '"text": '
     tail = "}" if chat else ""
-    prefix = f'data: {head[:-1]}, "choices": [{{"index": 0, {key}'.encode()
+    prefixes = [f'data: {head[:-1]}, "choices": [{{"index": {i}, {key}'.encode()
+                for i in range(req.n)]
     suffix = f'{tail}, "finish_reason": null, "logprobs": null}}]}}\n\n'.encode()
-    if chat:  # the first delta: the role, with empty content (as OpenAI sends it)
-        await send([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                     "finish_reason": None, "logprobs": None}])
+    if chat:  # the first delta of each choice: the role, with empty content (as OpenAI)
+        for i in range(req.n):
+            await send([{"index": i, "delta": {"role": "assistant", "content": ""},
+                         "finish_reason": None, "logprobs": None}])
     chunk: Chunk | None = first
     wanted = req.logprob_count() is not None
-    offset = 0  # into the generated text, for the completions shape's text_offset
+    offsets = [0] * req.n  # into each generated text, for the completions' text_offset
     try:
         while chunk is not None:
             usage.update(chunk)
+            i = chunk.index
             if chunk.text and wanted:  # the slow path: this chunk's tokens with the text
                 probs = chunk.logprobs or []
-                c = choice(chunk.text, None)
+                c = choice(i, chunk.text, None)
                 c["logprobs"] = (_chat_logprobs(probs) if chat
-                                 else _completion_logprobs(probs, offset))
-                offset += sum(len(p["token"]) for p in probs)
+                                 else _completion_logprobs(probs, offsets[i]))
+                offsets[i] += sum(len(p["token"]) for p in probs)
                 await send([c])
             elif chunk.text:
-                await resp.write(prefix + json.dumps(chunk.text).encode() + suffix)
+                await resp.write(prefixes[i] + json.dumps(chunk.text).encode() + suffix)
             if chunk.finish_reason is not None:  # in its own chunk, with an empty delta
-                await send([choice(None, chunk.finish_reason)])
+                await send([choice(i, None, chunk.finish_reason)])
             chunk = await anext(stream, None)
     except Exception as exc:
         # Headers are sent: report the failure as a final event, as OpenAI's API does.

@@ -1,19 +1,21 @@
-"""The GGUF backend: one llama.cpp model and context, prompt formatting and token streaming.
+"""The GGUF backend: one llama.cpp model and context, prompt formatting, and requests
+turned into jobs for its batching engine (`agent.runtime.batching`).
 
 `llama_cpp` is imported inside functions so an agent with nothing loaded stays small and
-starts fast. A `LlamaBackend` implements `agent.runtime.backend.Backend`; it is not
-thread-safe: the scheduler runs one call at a time per backend, always in the model's own
-thread, and passes a `threading.Event` to stop a generation.
+starts fast. A `LlamaBackend` implements `agent.runtime.backend.Backend` and, beyond it,
+`start` (a request joins the running batch; chunks come back through callbacks), which
+the scheduler uses for concurrent requests. Everything that touches the context runs on
+one thread at a time: the process's compute thread once `attach`ed (what the agent does),
+else the caller's (tests and tools drive `generate`, which steps the engine itself).
 """
 
 from __future__ import annotations
 
-import codecs
 import logging
 import os
+import queue
 import threading
-import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from agent.errors import (
@@ -24,8 +26,8 @@ from agent.errors import (
     TaskNotSupported,
 )
 from agent.metrics import Metrics
-from agent.runtime.stops import find_stop as _find_stop
-from agent.runtime.stops import held_back as _held_back
+from agent.runtime.batching import BatchEngine, Job
+from agent.runtime.compute import ComputeThread, shared_compute
 from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
 from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedModel, Sampling
 from agent.settings import RuntimeSettings
@@ -33,7 +35,6 @@ from agent.settings import RuntimeSettings
 log = logging.getLogger(__name__)
 
 GPU_TARGETS = ("gpu", "cuda", "rocm", "hip", "vulkan", "metal", "sycl", "opencl")
-RANDOM_SEED = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: draw a fresh seed
 
 
 def default_threads() -> int:
@@ -58,18 +59,16 @@ class LlamaBackend:
         threads: int,
         n_gpu_layers: int,
         metrics: Metrics | None = None,
+        parallel: int = 1,
+        chunk: int = 256,
     ) -> None:
-        import llama_cpp
-
         self.resolved = resolved
         self.alias = resolved.alias
         self._llm = llm
         self._metrics = metrics
-        self._vocab = llm._model.vocab  # the public API offers no is-end-of-generation test
-        self._is_eog = llama_cpp.llama_vocab_is_eog
         self.threads = threads
         self.n_gpu_layers = n_gpu_layers
-        self.n_ctx: int = int(llm.n_ctx())
+        self.n_ctx: int = int(llm.n_ctx()) // max(1, int(llm.context_params.n_seq_max))
         self.embedding = resolved.task == "embedding"
         meta: dict[str, str] = dict(llm.metadata or {})
         self.architecture = resolved.architecture or meta.get("general.architecture")
@@ -87,6 +86,12 @@ class LlamaBackend:
         elif self._chat is not None:
             self.chat_source = f"fallback:{getattr(self._chat, '__name__', 'unknown')}"
         self._closed = False
+        self.engine: BatchEngine | None = None
+        if not self.embedding:
+            self.engine = BatchEngine(llm, alias=self.alias, parallel=parallel, chunk=chunk,
+                                      metrics=metrics)
+        self.executor: ComputeThread | None = None  # set by attach()
+        self._scorer: Any = None  # score()'s own small context
 
     @classmethod
     def load(
@@ -97,9 +102,14 @@ class LlamaBackend:
         n_ctx: int = 4096,
         n_gpu_layers: int | None = None,
         metrics: Metrics | None = None,
+        parallel: int = 4,
+        chunk: int = 256,
     ) -> LlamaBackend:
         """Load `resolved.path`; `n_gpu_layers=None` offloads everything when the variant
-        targets a GPU this build of llama.cpp can use, else nothing."""
+        targets a GPU this build of llama.cpp can use, else nothing. A generating model
+        gets `parallel` sequence slots over one unified KV cache of `n_ctx` cells (a
+        request may use the whole window; concurrent ones share it) and one more sequence
+        for scoring."""
         import llama_cpp
 
         threads = threads or default_threads()
@@ -123,7 +133,7 @@ class LlamaBackend:
                 n_threads_batch=threads,
                 n_gpu_layers=n_gpu_layers,
                 use_mmap=True,
-                seed=RANDOM_SEED,
+                seed=0xFFFFFFFF,  # LLAMA_DEFAULT_SEED: each sampler chain seeds itself
                 verbose=False,
                 # An embedding model pools over each text (the GGUF's pooling type, else
                 # mean); its batches hold whole texts.
@@ -131,6 +141,9 @@ class LlamaBackend:
                 n_batch=ctx if embedding else 512,
                 n_ubatch=ctx if embedding else 512,
                 pooling_type=pooling,
+                # Sliding-window layers keep every cell, so a cached prefix stays usable
+                # (Gemma 3: ~18 KB a token more; without it the prefix cache misses).
+                swa_full=None if embedding else True,
             )
 
         llm: Any = None
@@ -144,7 +157,10 @@ class LlamaBackend:
             if 0 < trained < n_ctx:  # the registry did not know the model's window
                 llm.close()
                 llm = open_model(trained)
-            return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers, metrics=metrics)
+            if not embedding and parallel > 1:
+                _sequences(llm, parallel)
+            return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers,
+                       metrics=metrics, parallel=parallel, chunk=chunk)
         except Exception as exc:  # llama.cpp: ValueError("Failed to load model from file: ...")
             if llm is not None:
                 llm.close()
@@ -165,7 +181,17 @@ class LlamaBackend:
             "threads": self.threads,
             "n_gpu_layers": self.n_gpu_layers,
             "chat_format": self.chat_source,
+            "parallel": self.engine.parallel if self.engine else 1,
+            "prompt_chunk": self.engine.chunk if self.engine else None,
         }
+
+    def attach(self, compute: ComputeThread) -> None:
+        """Hand the engine to `compute`, which steps it from now on (and runs every other
+        call on this model: the residency uses it as the model's executor)."""
+        self.executor = compute
+        if self.engine is not None:
+            self.engine.wake = compute.wake
+            compute.attach(self.engine)
 
     def format_prompt(self, request: GenerationRequest) -> FormattedPrompt:
         """The text the model sees: the prompt as given, or the chat rendered by its template."""
@@ -199,30 +225,49 @@ class LlamaBackend:
 
     def score(self, tokens: Sequence[int]) -> list[float]:
         """Log-probability of each token after the first given those before it, from one
-        fresh evaluation of `tokens` (at most n_batch of them) with logits for every one."""
+        fresh evaluation of `tokens` (at most n_batch of them) with logits for every one,
+        in a small context of its own (the running generations and their caches stay)."""
         import llama_cpp
         import numpy as np
 
-        if self.embedding:
+        if self.engine is None:
             raise TaskNotSupported(f"model {self.alias} is an embedding model")
         llm = self._llm
         n = len(tokens)
         if not 1 < n <= min(llm.n_batch, self.n_ctx):
             raise PromptTooLong(f"score takes 2 to {min(llm.n_batch, self.n_ctx)} tokens")
-        llm.reset()
-        llm._ctx.kv_cache_clear()
-        batch = llm._batch
-        batch.set_batch(list(tokens), n_past=0, logits_all=True)
-        llm._ctx.decode(batch)
-        n_vocab = llm.n_vocab()
-        ptr = llama_cpp.llama_get_logits(llm._ctx.ctx)
-        logits = np.ctypeslib.as_array(ptr, shape=(n, n_vocab)).astype(np.float64)
-        llm._ctx.kv_cache_clear()
-        llm.n_tokens = 0
+
+        ctx = self._scoring_context()
+        b = llm._batch.batch
+        for i, t in enumerate(tokens):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, True
+            b.seq_id[i][0] = 0
+        b.n_tokens = n
+        try:
+            if llama_cpp.llama_decode(ctx.ctx, b) != 0:
+                raise PromptTooLong(f"model {self.alias}: cannot score {n} tokens")
+            ptr = llama_cpp.llama_get_logits(ctx.ctx)
+            logits = np.ctypeslib.as_array(ptr, shape=(n, int(llm.n_vocab()))).astype(np.float64)
+        finally:
+            ctx.kv_cache_clear()
         top = logits[:-1].max(axis=1, keepdims=True)
         lse = top[:, 0] + np.log(np.exp(logits[:-1] - top).sum(axis=1))
         picked = logits[np.arange(n - 1), np.asarray(tokens[1:])]
         return list((picked - lse).tolist())
+
+    def _scoring_context(self) -> Any:
+        """A one-sequence context of n_batch cells for `score`, made on first use (the
+        benchmarks score; serving never does) and kept: a few MB on the models here."""
+        if self._scorer is None:
+            from llama_cpp import _internals
+
+            p = self._llm.context_params
+            params = type(p).from_buffer_copy(p)
+            params.n_ctx = params.n_seq_max = 0
+            params.n_ctx, params.n_seq_max = int(self._llm.n_batch), 1
+            self._scorer = _internals.LlamaContext(model=self._llm._model, params=params,
+                                                   verbose=False)
+        return self._scorer
 
     def memory_bytes(self) -> int:
         return self.resolved.estimated_memory
@@ -239,11 +284,76 @@ class LlamaBackend:
             tokens = [bos if bos >= 0 else int(self._llm.token_eos())]
         return tokens
 
+    def start(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        emit: Callable[[Chunk], None],
+        fail: Callable[[BaseException], None],
+        end: Callable[[], None],
+    ) -> None:
+        """Check and tokenise `request`, then add it to the running batch: `emit` gets
+        its chunks (with `index` per choice; each choice's last has finish_reason), `fail`
+        an error met while generating, `end` is called once when all is over. Request
+        errors (prompt too long, bad token ids, no chat template) raise here."""
+        job = self._job(request, cancel, emit, fail, end)
+        assert self.engine is not None
+        self.engine.submit(job)
+
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
         """Stream the completion as text chunks; the last chunk has finish_reason and usage.
 
-        Returns without a final chunk when `cancel` is set (checked before every token)."""
-        if self.embedding:
+        Returns without a final chunk when `cancel` is set (checked before every token).
+        Outside the compute thread of an attached model, waits for that thread to step;
+        otherwise steps the engine itself (with any other sequences it holds)."""
+        out: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        over = object()
+        job = self._job(request, cancel, out.put, out.put, lambda: out.put(over))
+        engine = self.engine
+        assert engine is not None
+        engine.submit(job)
+        inline = self.executor is None or self.executor.in_thread()
+        try:
+            while True:
+                if inline:
+                    while out.empty():
+                        engine.step()
+                item = out.get()
+                if item is over:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # a caller that stops reading ends its sequence
+            if inline:
+                while not engine.closed and job.live and out.empty():
+                    engine.step()
+            else:
+                engine.wake()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            if self.engine is not None:
+                if self.executor is not None:
+                    self.executor.detach(self.engine)
+                self.engine.close()
+            if self._scorer is not None:
+                self._scorer.close()
+            self._llm.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _job(
+        self,
+        request: GenerationRequest,
+        cancel: threading.Event,
+        emit: Callable[[Chunk], None],
+        fail: Callable[[BaseException], None],
+        end: Callable[[], None],
+    ) -> Job:
+        if self.engine is None:
             raise TaskNotSupported(f"model {self.alias} is an embedding model; use "
                                    "/v1/embeddings")
         if request.prompt_ids is not None:  # token ids: no template, no tokenizer
@@ -263,18 +373,27 @@ class LlamaBackend:
             raise PromptTooLong(
                 f"prompt is {n_prompt} tokens, context window is {self.n_ctx}"
             )
+        if request.n > self.engine.parallel:
+            raise InvalidSampling(f"n is at most {self.engine.parallel} on this device "
+                                  "(runtime.parallel)", "n")
+        self._check_bias(s.logit_bias)
         room = self.n_ctx - n_prompt
-        limit = min(s.max_tokens, room) if s.max_tokens else room
-        stops = [x for x in (*s.stop, *formatted.stop) if x]
-        stop_ids = self._stop_token_ids(formatted.stop)
-        yield from self._stream(tokens, s, limit, stops, stop_ids, cancel)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._llm.close()
-
-    # -- internals ------------------------------------------------------------------------
+        return Job(
+            tokens=tokens,
+            sampling=s,
+            limit=min(s.max_tokens, room) if s.max_tokens else room,
+            stops=[x for x in (*s.stop, *formatted.stop) if x],
+            stop_ids=self._stop_token_ids(formatted.stop),
+            emit=emit,
+            fail=fail,
+            end=end,
+            cancel=cancel,
+            n=request.n,
+            cache=(request.cache_prompt if request.cache_prompt is not None
+                   else s.seed is None and s.temperature > 0),
+            grammar=self._grammar(s),
+            logprobs=self._token_logprob if s.logprobs is not None else None,
+        )
 
     def _grammar(self, s: Sampling) -> Any:
         """llama.cpp's grammar for JSON mode or a JSON Schema (converted by llama.cpp's own
@@ -291,27 +410,14 @@ class LlamaBackend:
             raise InvalidSampling(f"this JSON schema cannot be turned into a grammar: {exc}",
                                   "response_format.json_schema.schema") from exc
 
-    def _logit_bias(self, bias: dict[int, float]) -> Any:
-        """A logits processor adding `bias` (OpenAI's semantics: -100 bans, 100 forces)."""
-        if not bias:
-            return None
-        import numpy as np
-        from llama_cpp import LogitsProcessorList
-
+    def _check_bias(self, bias: dict[int, float]) -> None:
+        """logit_bias may name only this model's token ids (OpenAI: -100 bans, 100 forces;
+        the engine's sampler chain applies it)."""
         n_vocab = int(self._llm.n_vocab())
         bad = sorted(t for t in bias if not 0 <= t < n_vocab)
         if bad:
             raise InvalidSampling(f"logit_bias names token ids outside this model's "
                                   f"vocabulary (0..{n_vocab - 1}): {bad[:5]}", "logit_bias")
-        ids = np.fromiter(bias, dtype=np.int64, count=len(bias))
-        values = np.array([-np.inf if v <= -100 else v for v in bias.values()],
-                          dtype=np.float32)
-
-        def apply(_input_ids: Any, scores: Any) -> Any:
-            scores[ids] += values
-            return scores
-
-        return LogitsProcessorList([apply])
 
     def _stop_token_ids(self, stop: Sequence[str]) -> set[int]:
         """Template stop strings that are single special tokens (they detokenize to '')."""
@@ -322,99 +428,16 @@ class LlamaBackend:
                 ids.add(int(toks[0]))
         return ids
 
-    def _stream(
-        self,
-        tokens: list[int],
-        s: Sampling,
-        limit: int,
-        stops: list[str],
-        stop_ids: set[int],
-        cancel: threading.Event,
-    ) -> Iterator[Chunk]:
-        llm = self._llm
-        grammar = self._grammar(s)
-        processors = self._logit_bias(s.logit_bias)
-        if s.seed is not None or s.temperature == 0:
-            # Reusing a cached prompt prefix evaluates in a different batch shape, which can
-            # change float rounding; a seeded or greedy request evaluates from scratch, so
-            # the same request gives the same text every time.
-            llm.reset()
-        llm.set_seed(RANDOM_SEED if s.seed is None else s.seed & 0xFFFFFFFF)
-        m = self._metrics
-        if m is not None:
-            m.prompt_tokens.labels(model=self.alias).inc(len(tokens))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        pending = ""
-        probs: list[dict[str, Any]] = []  # logprobs of tokens whose text is not yet sent
-        n_out = 0
-        finish: str | None = None
-        by_sequence = False
-        last = time.perf_counter()
-        gen = llm.generate(
-            tokens,
-            top_k=s.top_k,
-            top_p=s.top_p,
-            min_p=s.min_p,
-            temp=s.temperature,
-            repeat_penalty=s.repeat_penalty,
-            frequency_penalty=s.frequency_penalty,
-            presence_penalty=s.presence_penalty,
-            grammar=grammar,
-            logits_processor=processors,
-        )
-        try:
-            while True:
-                if cancel.is_set():
-                    return
-                token = int(next(gen))
-                now = time.perf_counter()
-                if self._is_eog(self._vocab, token) or token in stop_ids:
-                    finish = "stop"
-                    break
-                n_out += 1
-                if s.logprobs is not None:
-                    probs.append(self._token_logprob(token, s.logprobs))
-                if m is not None:
-                    m.tokens_generated.labels(model=self.alias).inc()
-                    if n_out > 1:
-                        m.inter_token.labels(model=self.alias).observe(now - last)
-                last = now
-                pending += decoder.decode(llm.detokenize([token]))
-                cut = _find_stop(pending, stops)
-                if cut is not None:
-                    pending = pending[:cut]
-                    finish, by_sequence = "stop", True
-                    break
-                keep = _held_back(pending, stops)
-                emit, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
-                if n_out >= limit:
-                    finish = "length"
-                    pending = emit + pending
-                    break
-                if emit:
-                    yield Chunk(text=emit, logprobs=probs or None)
-                    probs = []
-        finally:
-            gen.close()
-        if not by_sequence:  # bytes after a stop sequence are dropped with it
-            pending += decoder.decode(b"", final=True)
-        yield Chunk(
-            text=pending,
-            finish_reason="stop" if finish == "stop" else "length",
-            prompt_tokens=len(tokens),
-            completion_tokens=n_out,
-            logprobs=probs or None,
-        )
-
-    def _token_logprob(self, token: int, top: int) -> dict[str, Any]:
+    def _token_logprob(self, idx: int, token: int, top: int) -> dict[str, Any]:
         """The sampled token's log-probability under the model (log-softmax of the logits
-        it was sampled from, before penalties and grammar) and the `top` likeliest."""
+        it was sampled from, before penalties and grammar) and the `top` likeliest; `idx`
+        is the token's row of logits in the step that produced it."""
+        import llama_cpp
         import numpy as np
 
         llm = self._llm
-        # The context's logits of the last position decoded: the ones `token` was sampled
-        # from (llama-cpp-python keeps no copy unless every position's are kept).
-        row = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(int(llm.n_vocab()),))
+        row = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, idx),
+                                    shape=(int(llm.n_vocab()),))
         logits = row.astype(np.float64)
         peak = float(logits.max())
         norm = peak + float(np.log(np.exp(logits - peak).sum()))
@@ -437,9 +460,32 @@ def open_backend(
     resolved: ResolvedModel, settings: RuntimeSettings, metrics: Metrics | None = None
 ) -> LlamaBackend:
     """The backend registry's factory for GGUF variants (agent.runtime.backend)."""
-    return LlamaBackend.load(
-        resolved, threads=settings.threads, n_ctx=settings.context_length, metrics=metrics
+    backend = LlamaBackend.load(
+        resolved, threads=settings.threads, n_ctx=settings.context_length, metrics=metrics,
+        parallel=settings.parallel, chunk=settings.prompt_chunk,
     )
+    backend.attach(shared_compute())
+    return backend
+
+
+def _sequences(llm: Any, n_seq: int) -> None:
+    """Give `llm` a context of `n_seq` sequences, each with a KV stream of the full window
+    (the high-level constructor makes one); the old context is freed first.
+
+    Separate streams, not one unified cache: in a unified cache a sequence's cells sit
+    wherever free cells were, and attention over them rounds differently, so a greedy
+    text generated beside others drifted from the one it gets alone (measured: token 13 of
+    a SmolLM2 answer flipped). With a stream each, a sequence's logits are bit-identical
+    alone or batched. The cost is memory: `n_seq` full windows of KV (the resolver counts
+    them in the model's estimate)."""
+    from llama_cpp import _internals
+
+    params = llm.context_params
+    params.n_ctx = int(params.n_ctx) * n_seq
+    params.n_seq_max = n_seq
+    params.kv_unified = False
+    llm._ctx.close()
+    llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
 
 
 def _token_text(llm: Any, token: int) -> str:

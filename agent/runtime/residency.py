@@ -1,12 +1,13 @@
 """Which models are loaded: load on demand (once per alias), memory budget, LRU, keep-alive.
 
-`Residency` owns the set of loaded models (`Resident`s). Each resident has its own
-single-thread executor: llama.cpp's OpenMP build keeps a worker team per calling thread,
-so every call into a model (load, generate, unload) is made from that one thread — a
-second caller doubles the teams and slows every token by ~40% on a small device
-(bench/serve.py). What uses a resident (`Lane`) is written by the scheduler; residency
-reads it only to know what it may evict. Counts that decide eviction and expiry change
-only on the event loop, between awaits, so they need no locks.
+`Residency` owns the set of loaded models (`Resident`s). Each resident has one executor
+that every call into it goes through: llama.cpp's OpenMP build keeps a worker team per
+calling thread, so a second caller doubles the teams and slows every token by ~40% on a
+small device (bench/serve.py). GGUF models (after loading in a thread of their own) share
+the process's one compute thread (`agent.runtime.compute`: teams of two models fought
+too); other backends keep a thread each. What uses a resident (`Lane`) is written by
+the scheduler; residency reads it only to know what it may evict. Counts that decide
+eviction and expiry change only on the event loop, between awaits, so they need no locks.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ class Lane:
     users: int = 0  # requests holding the lane (waiting or running)
     worker: asyncio.Future[Any] | None = None  # the running call's thread
     cancel: threading.Event | None = None  # stops the running generation
+    cancels: set[threading.Event] = field(default_factory=set)  # batched generations
 
     def running(self) -> bool:
         return self.worker is not None and not self.worker.done()
@@ -57,7 +59,7 @@ class Resident:
     resolved: ResolvedModel
     backend: Backend
     lease: contextlib.AbstractContextManager[Any] | None
-    executor: ThreadPoolExecutor
+    executor: Executor  # its own thread, or the shared compute thread (GGUF)
     loaded_at: float  # wall clock, for display
     last_used: float  # residency clock
     keep_alive: float  # seconds; negative: forever
@@ -205,7 +207,7 @@ class Residency:
         detached = self.detach(victims)
         self._reserved[alias] = need
         started = time.perf_counter()
-        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{alias}")
+        executor: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"model-{alias}")
         loop = asyncio.get_running_loop()
         try:
             await self.close_residents(detached)
@@ -223,6 +225,10 @@ class Residency:
             await loop.run_in_executor(executor, _close_backend, backend, lease)
             executor.shutdown(wait=False)
             raise Stopping("the agent is shutting down")
+        shared: Executor | None = getattr(backend, "executor", None)
+        if shared is not None:  # a backend on the shared compute thread runs all calls there
+            executor.shutdown(wait=False)
+            executor = shared
         self._metrics.load_seconds.labels(model=alias).observe(time.perf_counter() - started)
         r = Resident(
             alias=alias,

@@ -187,6 +187,15 @@ class ModelResolver:
             path = self.registry.materialize(alias, chosen.name)
         else:
             path = self.registry.store.path(chosen.sha256)
+        parallel = self.settings.runtime.parallel
+        if chosen.format == "gguf" and info.task != "embedding" and parallel > 1:
+            # Each batching slot holds a KV stream of the whole window (agent.runtime.llama);
+            # selection judged the variant with one.
+            from registry.selection_estimate import estimate_memory
+
+            est = estimate_memory(chosen, self.policy())
+            if est is not None:
+                estimated_memory += (parallel - 1) * est.kv_cache
         return ResolvedModel(
             alias=alias,
             variant=chosen.name,

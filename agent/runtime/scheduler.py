@@ -3,9 +3,11 @@ model in its own thread, cancellation, and the close protocol. The API's entry p
 `generate` streams a completion, `run` makes any other call (embeddings, scoring) on the
 model's thread, through the same admission, queue and lane.
 
-Every model runs one generation at a time (a llama.cpp context is not thread-safe) in its
-resident thread; other requests for it wait in a bounded FIFO queue, while different
-models run concurrently. `Residency` decides what is loaded; this module decides who runs.
+A GGUF model batches: up to `runtime.parallel` requests generate together on the shared
+compute thread (`agent.runtime.batching`), more wait in its engine's FIFO. Any other
+backend runs one call at a time in its resident thread, the rest waiting in a FIFO lane.
+Beyond running + `queue_size` requests, a model answers 429. `Residency` decides what is
+loaded; this module decides who runs.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any, TypeVar
 
 from agent.errors import (
     ChatNotSupported,
+    InvalidSampling,
     PromptTooLong,
     QueueFull,
     Stopping,
@@ -36,7 +39,7 @@ from agent.settings import RuntimeSettings
 _DONE = object()  # the worker's end-of-stream marker
 # Errors of the request or the moment, not of the model: they never count against it.
 _NOT_THE_MODELS_FAULT = (QueueFull, Stopping, PromptTooLong, ChatNotSupported,
-                         TaskNotSupported)
+                         TaskNotSupported, InvalidSampling)
 T = TypeVar("T")
 
 
@@ -111,6 +114,8 @@ class Scheduler:
             for r in res.residents():
                 if r.lane.cancel is not None:
                     r.lane.cancel.set()
+                for cancel in r.lane.cancels:
+                    cancel.set()
             await res.close_all()
         finally:
             self._closed.set()
@@ -177,22 +182,44 @@ class Scheduler:
             call.cancel = cancel = threading.Event()
             loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Any] = asyncio.Queue()
-            assert call.resident is not None
-            await self._start(call, _work, call.resident.backend, request, cancel, loop, queue)
+            r = call.resident
+            assert r is not None
+            batching = getattr(r.backend, "start", None)
+            if batching is None and request.n > 1:
+                raise InvalidSampling(f"model {alias} runs one sequence at a time: n above 1 "
+                                      "needs a GGUF model", "n")
+            if batching is not None:  # joins the model's running batch
+                put = _putter(loop, queue, cancel)
+                r.lane.cancels.add(cancel)
+                try:
+                    await loop.run_in_executor(r.executor, batching, request, cancel, put, put,
+                                               functools.partial(put, _DONE))
+                except BaseException:
+                    r.lane.cancels.discard(cancel)
+                    raise
+            else:
+                await self._start(call, _work, r.backend, request, cancel, loop, queue)
             first = True
-            while True:
-                item = await queue.get()
-                if item is _DONE:
-                    break
-                if isinstance(item, BaseException):
-                    raise item
-                if first:
-                    first = False
-                    self._metrics.ttft.labels(model=alias).observe(time.perf_counter() - started)
-                yield item
-                if item.finish_reason is not None:
-                    break
-            if cancel.is_set():
+            left = request.n if batching is not None else 1  # choices not yet finished
+            try:
+                while True:
+                    item = await queue.get()
+                    if item is _DONE:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    if first:
+                        first = False
+                        self._metrics.ttft.labels(model=alias).observe(
+                            time.perf_counter() - started)
+                    yield item
+                    if item.finish_reason is not None:
+                        left -= 1
+                        if left == 0:
+                            break
+            finally:
+                r.lane.cancels.discard(cancel)
+            if cancel.is_set() and left:
                 raise Stopping("the agent is shutting down")
 
     async def run(
@@ -202,9 +229,16 @@ class Scheduler:
         generation (QueueFull past queue_size), loading the model first if needed: how
         embeddings, scoring and benchmarks reach a model."""
         async with self._call(alias, keep_alive) as call:
-            assert call.resident is not None
-            worker = await self._start(call, fn, call.resident.backend, *args)
-            result: T = await asyncio.shield(worker)
+            r = call.resident
+            assert r is not None
+            if getattr(r.backend, "start", None) is not None:
+                # The shared compute thread runs it between decode steps: no lane to take.
+                loop = asyncio.get_running_loop()
+                result: T = await asyncio.shield(
+                    loop.run_in_executor(r.executor, fn, r.backend, *args))
+                return result
+            worker = await self._start(call, fn, r.backend, *args)
+            result = await asyncio.shield(worker)
             return result
 
     @contextlib.asynccontextmanager
@@ -273,14 +307,22 @@ class Scheduler:
 
     def _admit(self, alias: str, *, limit: bool) -> None:
         n = self._admitted.get(alias, 0)
-        if limit and n > self._settings.queue_size:  # one running + queue_size waiting
+        running = self._capacity(alias)
+        if limit and n >= running + self._settings.queue_size:
             raise QueueFull(
                 f"model {alias} has {n} requests in progress and its queue is full "
-                f"(queue_size {self._settings.queue_size}); retry later",
-                retry_after=max(1, math.ceil(n / 2)),
+                f"({running} generating, queue_size {self._settings.queue_size}); retry later",
+                retry_after=max(1, math.ceil(n / (2 * running))),
             )
         self._admitted[alias] = n + 1
         self._metrics.queue_depth.labels(model=alias).set(n + 1)
+
+    def _capacity(self, alias: str) -> int:
+        """Requests `alias` runs at once: its engine's slots when it is loaded and batches,
+        else one."""
+        r = self.residency.get(alias)
+        engine = getattr(r.backend, "engine", None) if r is not None else None
+        return int(getattr(engine, "parallel", 1)) if engine is not None else 1
 
     def _release(self, alias: str) -> None:
         n = self._admitted.get(alias, 1) - 1
@@ -304,12 +346,7 @@ def _work(
 ) -> None:
     """Run the backend's generator in the model's thread, handing chunks to the loop."""
 
-    def put(item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            cancel.set()
-
+    put = _putter(loop, queue, cancel)
     try:
         chunks = backend.generate(request, cancel)
         try:
@@ -326,3 +363,17 @@ def _work(
     finally:
         put(_DONE)
 
+
+
+def _putter(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], cancel: threading.Event
+) -> Callable[[object], None]:
+    """A callable that hands items from a model's thread to a queue on the event loop."""
+
+    def put(item: object) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            cancel.set()
+
+    return put

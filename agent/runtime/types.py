@@ -44,6 +44,9 @@ class Sampling(BaseModel):
     logit_bias: dict[int, float] = Field(
         default_factory=dict, description="Added to these tokens' logits; -100 bans a token."
     )
+    ignore_eos: bool = Field(
+        default=False, description="llama.cpp's: never end at end-of-generation tokens "
+        "(they are banned), so exactly max_tokens are generated.")
     logprobs: int | None = Field(
         default=None, ge=0, le=20,
         description="Report each generated token's log-probability and this many of the most "
@@ -61,6 +64,14 @@ class GenerationRequest(BaseModel):
         default=None, description="A completion prompt given as token ids (used as is)."
     )
     sampling: Sampling = Field(default_factory=Sampling)
+    n: int = Field(default=1, ge=1, le=16, description="Choices to generate (share the prompt).")
+    cache_prompt: bool | None = Field(
+        default=None,
+        description="Reuse a cached prompt prefix (llama.cpp's name). Default: yes, unless "
+        "the request is greedy (temperature 0) or seeded: a prompt's tail evaluated in "
+        "another batch shape can differ in the last bits, which can flip a near-tie, and "
+        "such a request asks for the same text every time. `true` trades that for speed.",
+    )
     keep_alive: float | None = Field(
         default=None, description="Seconds to keep the model loaded after this request."
     )
@@ -70,12 +81,14 @@ class Chunk(BaseModel):
     """A piece of a streamed generation. The last chunk has finish_reason and usage."""
 
     text: str = ""
+    index: int = 0  # which of the request's `n` choices this chunk belongs to
     finish_reason: Literal["stop", "length"] | None = None
     # With Sampling.logprobs: the tokens this chunk's text came from, each
     # {"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}.
     logprobs: list[dict[str, Any]] | None = None
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt tokens taken from the prefix cache
 
 
 class LoadedModel(BaseModel):

