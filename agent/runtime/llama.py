@@ -486,9 +486,11 @@ def _sequences(llm: Any, n_seq: int) -> None:
     params.n_ctx = int(params.n_ctx) * n_seq
     params.n_seq_max = n_seq
     params.kv_unified = False
-    # As llama.cpp's own server: flash attention where the backend has it (the CPU does;
-    # ~5% faster decoding on SmolLM2 here).
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO
+    # Flash attention stays off, as llama-cpp-python's own Llama() has it: on, decoding was
+    # ~5% faster here (llama-server's default is auto), but the logits change, and the
+    # tests that compare with llama-cpp-python's and the seeded JSON test failed. Turning
+    # it on is a decision for [throughput]'s next step, with those tests re-based.
+    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     llm._ctx.close()
     llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
 
