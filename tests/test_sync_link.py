@@ -200,3 +200,94 @@ def test_commands_are_answered_on_the_response_topic_with_the_correlation_data(
     finally:
         ops.close()
         d.stop()
+
+
+def test_the_link_alone_writes_its_tls_socket_while_traffic_flows_both_ways(
+    tmp_path: Path, pki: Pki, broker: Broker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSL connections are not safe for two threads at once. paho, driven by the link's
+    own loop(), wrote a packet from whichever thread called publish(); with the link thread
+    reading the same connection, the heap got corrupted (a CI run of the deploy tests died
+    of "free(): corrupted unsorted chunks"). Here the event loop publishes 2,000 messages
+    while the controller sends 2,000 to the device: every TLS write of the device's
+    connection must come from the link thread, everything must arrive, and `stop()` must
+    still end the session cleanly (no will)."""
+    import asyncio
+    import ssl
+    import threading
+
+    from agent.sync.mqtt import LinkConfig, LinkHandlers, MqttLink, Will, tls_context
+
+    name = "dev-threads"
+    cert, key = pki.device_files(tmp_path, name)
+    base = f"edge/v1/{pki.fleet}/{name}"
+    writers: dict[int, set[str]] = {}
+    real_send = ssl.SSLSocket.send
+
+    def send(sock: ssl.SSLSocket, data: Any, flags: int = 0) -> int:
+        writers.setdefault(sock.getsockname()[1], set()).add(threading.current_thread().name)
+        return real_send(sock, data, flags)
+
+    monkeypatch.setattr(ssl.SSLSocket, "send", send)
+    ops = Client(broker, tls_client_context(pki.ca, pki.home / "controller.pem",
+                                            pki.home / "controller.key"), "ops-threads").connect()
+    ops.client.subscribe(f"{base}/probe/#", qos=1)
+    wait_until(ops.connected.is_set, 20, "the controller client connected")
+    n = 2000
+
+    async def run() -> tuple[int, int]:
+        loop = asyncio.get_running_loop()
+        connected, inbound = asyncio.Event(), asyncio.Event()
+        got = 0
+
+        class Handlers(LinkHandlers):
+            def connected(self) -> None:
+                connected.set()
+
+            def message(self, topic: str, payload: bytes, properties: Any) -> None:
+                nonlocal got
+                got += 1
+                if got == n:
+                    inbound.set()
+
+        cfg = LinkConfig(host="127.0.0.1", port=broker.port, client_id=name,
+                         tls=tls_context(str(cert), str(key), str(pki.ca)), keepalive=30,
+                         will=Will(f"{base}/probe/will", b'"will"'),
+                         subscriptions=(f"{base}/probe/down",))
+        link = MqttLink(cfg, loop, Handlers())
+        link.start()
+        async with asyncio.timeout(30):
+            await connected.wait()
+        wait_until(lambda: broker.subscribed(f"{base}/probe/down") > 0, 20, "the link subscribed")
+        flood = threading.Thread(target=lambda: [
+            ops.client.publish(f"{base}/probe/down", b"%d" % i, qos=1) for i in range(n)])
+        flood.start()
+        sent = 0
+        for i in range(n):
+            while link.publish(f"{base}/probe/up", b"%d" % i) is None:
+                await asyncio.sleep(0.01)  # not connected: a reconnect would show below
+            sent += 1
+            if i % 20 == 0:
+                await asyncio.sleep(0)  # let the link's callbacks hop in
+        try:
+            async with asyncio.timeout(60):
+                await inbound.wait()
+        except TimeoutError:
+            raise AssertionError(f"{got} of {n} messages reached the device; threads that "
+                                 f"wrote TLS sockets, by local port: {writers}") from None
+        await asyncio.to_thread(flood.join)
+        await link.stop()
+        return sent, got
+
+    sent, got = asyncio.run(run())
+    assert (sent, got) == (n, n)
+    wait_until(lambda: len(ops.received("/probe/up")) == n, 60, "the device's messages")
+    # A marker published after stop() reaches the controller after any will would have.
+    ops.client.publish(f"{base}/probe/marker", b"{}", qos=1)
+    wait_until(lambda: len(ops.received("/probe/marker")) == 1, 20, "the marker")
+    ops.close()
+    assert ops.received("/probe/will") == [], "stop() left without DISCONNECT: the will went out"
+    device_ports = [p for p, names in writers.items() if "mqtt-link" in names]
+    assert device_ports, writers
+    for port in device_ports:
+        assert writers[port] == {"mqtt-link"}, f"TLS writes from {writers[port]}"

@@ -126,15 +126,8 @@ class MqttLink:
 
     async def stop(self, timeout: float = 5.0) -> None:
         """Disconnect cleanly (no will) and join the thread."""
-        self._stop.set()
+        self._stop.set()  # the link thread sends DISCONNECT itself (see `_session`)
         self._retry.set()
-        with self._lock:
-            client = self._client
-        if client is not None:
-            try:
-                client.disconnect()
-            except Exception:  # already gone
-                log.debug("disconnect during stop failed", exc_info=True)
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, timeout)
 
@@ -218,6 +211,13 @@ class MqttLink:
         client.on_publish = self._on_publish
         client.on_message = self._on_message
         client.on_log = self._on_log
+        # Only this thread touches the TLS socket. Driven by our own loop() (not
+        # loop_start), paho writes a packet from whichever thread calls publish() unless a
+        # write-registration callback is set; an OpenSSL connection used by two threads at
+        # once corrupts the heap (a CI run died of "free(): corrupted unsorted chunks"
+        # mid-download). With the callback, publish() only queues and wakes loop() here.
+        client.on_socket_register_write = _queued_for_the_link_thread
+        client.on_socket_unregister_write = _queued_for_the_link_thread
         self._last_error = None
         self._connack = None
         self.status.connected_at = None
@@ -232,9 +232,15 @@ class MqttLink:
         with self._lock:
             self._client = client
         try:
-            while not self._stop.is_set():
+            leaving: float | None = None
+            while True:
+                if leaving is None and self._stop.is_set():
+                    leaving = time.monotonic() + 2.0  # a clean DISCONNECT: no will
+                    client.disconnect()
                 rc = client.loop(0.5)
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    break
+                if leaving is not None and time.monotonic() > leaving:
                     break
         finally:
             with self._lock:
@@ -298,6 +304,11 @@ class MqttLink:
             self._loop.call_soon_threadsafe(fn, *args)
         except RuntimeError:  # the loop is closed: the daemon is gone
             self._stop.set()
+
+
+def _queued_for_the_link_thread(*_args: Any) -> None:
+    """paho's write-registration hook: nothing to register, the link thread's loop() polls
+    the socket for writing whenever packets are queued."""
 
 
 def _classify_tls(text: str) -> tuple[bool, str]:
