@@ -229,6 +229,41 @@ def test_oversized_body_is_413(agent: Daemon) -> None:
     assert r.json()["error"]["code"] == "body_too_large"
 
 
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions", "/v1/embeddings",
+                                   "/v1/responses", f"/agent/v1/models/{SMOL}/load"])
+def test_deeply_nested_json_is_a_400_naming_the_limit(agent: Daemon, route: str) -> None:
+    # [hardening] finding 9: 100,000 nested arrays (200 KB) made json.loads raise
+    # RecursionError, a 500 with a traceback.
+    with agent.client() as c:
+        r = c.post(route, content=b"[" * 100_000 + b"]" * 100_000,
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "invalid_json"
+        assert "nested deeper than 64" in r.json()["error"]["message"]
+        assert c.get("/healthz").status_code == 200
+
+
+def test_nesting_inside_a_valid_request_is_bounded_too(agent: Daemon) -> None:
+    deep: object = "x"
+    for _ in range(70):
+        deep = {"a": deep}
+    chat = {"model": SMOL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    nested_args = "[" * 50_000 + "]" * 50_000  # a string field holding deep JSON
+    with agent.client() as c:
+        r = c.post("/v1/chat/completions", json={**chat, "metadata": {"k": deep}})
+        assert r.status_code == 400 and "nested deeper than 64" in r.text
+        r = c.post("/v1/chat/completions", json={**chat, "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": "c1", "type": "function",
+                 "function": {"name": "f", "arguments": nested_args}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["param"] == "messages.1.tool_calls.0.function.arguments"
+        assert c.post("/v1/chat/completions", json=chat).status_code == 200
+
+
 def test_models_list_and_agent_api(agent: Daemon) -> None:
     with agent.client() as c:
         ids = {m["id"] for m in c.get("/v1/models").json()["data"]}

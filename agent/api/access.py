@@ -16,7 +16,6 @@ call (model, token usage, latency; never prompt or completion text), and audit r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -25,6 +24,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from agent.api import bodies
 from agent.api.errors import APIError, to_api_error
 from agent.api.routes import PUBLIC, RouteSpec, add_routes, route_spec
 from agent.errors import ExpiredToken, RevokedToken, TokenError
@@ -87,8 +87,8 @@ async def _requested_model(request: web.Request) -> str:
         return ""
     body = await request.read()  # cached by aiohttp: the handler reads it again
     try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+        data = bodies.loads(body)
+    except APIError:  # the handler refuses it with the reason (if access allows it that far)
         return ""
     model = data.get("model") if isinstance(data, dict) else None
     return model if isinstance(model, str) else ""

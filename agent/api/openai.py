@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 from aiohttp import web
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from agent.api import bodies
 from agent.api import tools as tooling
 from agent.api.access import END_USER, MODEL, USAGE
 from agent.api.errors import APIError, to_api_error
@@ -348,11 +349,7 @@ class CompletionRequest(_CommonRequest):
 async def read_json(request: web.Request) -> Any:
     """The request body as JSON; 413 above the size limit, 400 when malformed."""
     # Like llama.cpp's server, any content type is accepted: curl -d sends form encoding.
-    body = await request.read()  # aiohttp enforces client_max_size here
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"request body is not valid JSON: {exc}", code="invalid_json") from exc
+    return bodies.loads(await request.read())  # aiohttp enforces client_max_size here
 
 
 async def list_models(request: web.Request) -> web.Response:

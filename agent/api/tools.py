@@ -138,7 +138,7 @@ def assistant_calls(calls: list[CallIn], index: int) -> str:
         raw = c.function.get("arguments", "{}")
         try:
             args = json.loads(raw) if isinstance(raw, str) else raw
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nested too deeply
             raise APIError(400, f"messages[{index}].tool_calls[{j}].function.arguments is "
                            f"not JSON: {exc}",
                            param=f"messages.{index}.tool_calls.{j}.function.arguments",
@@ -159,7 +159,7 @@ def parse(text: str) -> tuple[str | None, list[dict[str, Any]] | None]:
     JSON the grammar asked for (cut by max_tokens)."""
     try:
         data = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: a model that nested 1,000 deep
         return text, None
     if not isinstance(data, dict):
         return text, None
