@@ -22,10 +22,9 @@ from aiohttp import web
 from argon2 import PasswordHasher
 from click.testing import CliRunner
 
-from agent.api import agent_api, health, openai
-from agent.api.access import MODEL, POLICY_ROUTES, SUBJECT, USAGE, install_access
+from agent.api.access import MODEL, SUBJECT, USAGE, install_access
 from agent.api.errors import error_middleware
-from agent.api.routes import PUBLIC, RouteSpec, add_routes
+from agent.api.routes import PUBLIC, ROUTE_TABLE, RouteSpec, add_routes
 from agent.cli import Context
 from agent.cli.policy import policy as policy_cli
 from agent.errors import PolicyError
@@ -269,13 +268,21 @@ def test_invalid_policy_at_start_is_fatal(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- routes
 
 
-def test_every_route_declares_a_permission() -> None:
-    app = web.Application()
-    add_routes(app, health.ROUTES + openai.ROUTES + agent_api.ROUTES + POLICY_ROUTES)
-    specs: list[RouteSpec] = [*health.ROUTES, *openai.ROUTES, *agent_api.ROUTES, *POLICY_ROUTES]
+def test_every_route_of_the_real_app_declares_a_permission(tmp_path: Path) -> None:
+    # [hardening] finding 6: this test once checked an app it built itself, not the one
+    # the daemon serves (it missed /v1/responses and /v1/embeddings).
+    from agent.app import create_app
+    from agent.settings import load_settings
+
+    home = tmp_path / "home"
+    home.mkdir(mode=0o750)
+    app = create_app(load_settings(environ={"EDGE_AGENT_HOME": str(home)}))
+    specs: list[RouteSpec] = list(app[ROUTE_TABLE].values())
     registered = {f"{r.method} {r.resource.canonical}" for r in app.router.routes()
                   if r.resource is not None}
     assert registered == {f"{s.method} {s.path}" for s in specs}
+    assert {"POST /v1/responses", "POST /v1/embeddings", "POST /v1/chat/completions"} \
+        <= registered
     problems = [f"{s.method} {s.path}: {s.permission!r}" for s in specs
                 if s.permission != PUBLIC and s.permission not in PERMISSIONS]
     assert not problems, f"routes with an unknown or missing permission: {problems}"
@@ -342,6 +349,7 @@ def _app(store: PolicyStore, tokens: TokenStore | None, served: Served) -> web.A
                              "details": details})
 
     install_access(app, Security(store, tokens, audit))
+    app.router.add_get("/agent/v1/forgotten", ok)  # added without a RouteSpec
     return app
 
 
@@ -433,6 +441,9 @@ def test_middleware_enforces_scopes_and_audits(tmp_path: Path) -> None:
         # Unmatched routes reach the error handler untouched.
         assert c.get("/nowhere").status_code == 404
         assert c.get("/v1/chat/completions").status_code == 405
+        # A route registered without a permission entry is denied, not open (finding 6).
+        r = c.get("/agent/v1/forgotten")
+        assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"
 
 
 def test_unscoped_grant_does_not_depend_on_the_body(tmp_path: Path) -> None:

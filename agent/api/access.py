@@ -137,7 +137,14 @@ def access_middleware(security: Security) -> Middleware:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         spec = route_spec(request)
         if spec is None:
-            return await handler(request)  # 404/405: the error handler answers
+            if request.match_info.http_exception is not None:
+                return await handler(request)  # 404/405: the error handler answers
+            # A route added without a RouteSpec has no permission: deny by default.
+            log.error("route %s %s has no permission entry: denied", request.method,
+                      request.match_info.route.resource and
+                      request.match_info.route.resource.canonical)
+            raise APIError(403, "this route declares no permission", type="permission_error",
+                           code="forbidden")
         if spec.permission == PUBLIC:
             cred = peer_credentials(request)
             if cred is not None:
