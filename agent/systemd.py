@@ -19,6 +19,11 @@ def notify(message: str) -> bool:
     if addr.startswith("@"):  # abstract namespace
         addr = "\0" + addr[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        # Called on the event loop: a receiver that stops reading (its queue holds ~10
+        # datagrams) must not stall the daemon. A ping is dropped at once, READY/STOPPING
+        # wait a little. (A test harness that read its socket only now and then froze the
+        # agent after ten watchdog pings.)
+        sock.settimeout(0 if message == "WATCHDOG=1" else 2.0)
         try:
             sock.connect(addr)
             sock.sendall(message.encode())

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from daemon import Daemon, prepare_home, running
 
 from agent.security.authz import DEFAULT_RBAC_PATH
@@ -41,6 +42,25 @@ def test_sighup_reloads_policy_keeps_old_when_invalid_and_audits(tmp_path: Path)
                           "WHERE subject = 'signal:SIGHUP' ORDER BY seq").fetchall()
     assert rows == [("signal:SIGHUP", "policy:write", "rejected"),
                     ("signal:SIGHUP", "policy:write", "ok")]
+
+
+@pytest.mark.timeout(30)
+def test_a_notify_socket_nobody_reads_never_blocks_the_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The notify socket's queue holds ~10 datagrams; sd_notify sent with a blocking socket
+    # froze the event loop once a receiver stopped reading (seen in the unit test under load).
+    import socket
+
+    from agent.systemd import notify
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as rx:
+        rx.bind(str(tmp_path / "notify"))
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        sent = [notify("WATCHDOG=1") for _ in range(200)]
+        assert sent[0] and not sent[-1], "the first pings are sent, those past a full queue dropped"
+        assert rx.recv(64) == b"WATCHDOG=1"
+        assert notify("WATCHDOG=1"), "room again: pings go out again"
 
 
 def test_watchdog_pings_when_systemd_asks(tmp_path: Path) -> None:
