@@ -65,16 +65,17 @@ def bind_unix_socket(path: Path, *, mode: int = 0o660, group: str | None = None)
             f"{MAX_SOCKET_PATH} — choose a shorter EDGE_AGENT_SOCKET"
         )
     gid = _group_id(group) if group else -1
-    parent = path.parent
-    if not parent.exists():
+    parent = path.absolute().parent
+    if not os.path.lexists(parent):
         parent.mkdir(parents=True, mode=0o750)
-        parent.chmod(0o750)
-        if gid != -1:
-            os.chown(parent, -1, gid)
-    else:
-        pmode = parent.stat().st_mode
-        if pmode & 0o002 and not pmode & stat.S_ISVTX:
-            raise ListenerError(f"socket directory {parent} is world-writable; use a private one")
+        fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:  # on the directory we just made, not on whatever the path names by now
+            os.fchmod(fd, 0o750)
+            if gid != -1:
+                os.fchown(fd, -1, gid)
+        finally:
+            os.close(fd)
+    check_socket_directory(parent)
     if path.exists() or path.is_symlink():
         st = path.lstat()
         if not stat.S_ISSOCK(st.st_mode):
@@ -97,6 +98,42 @@ def bind_unix_socket(path: Path, *, mode: int = 0o660, group: str | None = None)
     sock.listen(128)
     sock.setblocking(False)
     return sock
+
+
+def check_socket_directory(parent: Path) -> None:
+    """Refuse a socket directory another account could have made or can write into.
+
+    Only "world-writable without the sticky bit" used to be refused: a directory that
+    another uid created in /tmp (or a symlink to one) was accepted, and that uid replaced
+    the socket and received a root client's prompt ([hardening] finding 2). Now the
+    directory itself must be a real directory (not a symlink) owned by this daemon's euid
+    or root and writable by no one else; each directory above it must be owned by root or
+    the euid and, if others may write into it, sticky (as /tmp is: nobody else can then
+    rename what sits in it)."""
+    euid = os.geteuid()
+    st = parent.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise ListenerError(f"socket directory {parent} is a symlink; name the real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ListenerError(f"{parent} is not a directory")
+    if st.st_uid not in (euid, 0):
+        raise ListenerError(f"socket directory {parent} belongs to uid {st.st_uid}, not to this "
+                            f"daemon (uid {euid}) or root; use a directory of your own")
+    if st.st_mode & 0o022:
+        raise ListenerError(f"socket directory {parent} is writable by group or others (mode "
+                            f"{stat.S_IMODE(st.st_mode):04o}); use a private one (0750)")
+    for above in parent.parents:
+        st = above.stat()
+        link = above.lstat()
+        owners = {st.st_uid, link.st_uid}
+        if not owners <= {euid, 0}:
+            raise ListenerError(f"{above}, above the socket directory, belongs to uid "
+                                f"{max(owners - {euid, 0})}: another account could swap "
+                                "the socket directory; choose a path owned by root or you")
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            raise ListenerError(f"{above}, above the socket directory, is writable by group "
+                                "or others and not sticky: another account could swap the "
+                                "socket directory")
 
 
 def _group_id(name: str) -> int:

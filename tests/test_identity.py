@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from agent.security.identity import IdentityCache, Subject, lookup_account, subject_for_uid
+from agent.errors import ListenerError
 from agent.server import PeerCredentials, bind_unix_socket
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -246,6 +247,49 @@ def test_socket_mode_and_group_decide_who_may_connect(accounts: dict[str, Accoun
     finally:
         sock.close()
         shutil.rmtree(sockdir, ignore_errors=True)
+
+
+@needs_root
+@pytest.mark.parametrize("case", ["another uid's", "a symlink to another uid's",
+                                  "group-writable", "sticky but world-writable",
+                                  "under an other-writable directory", "under another uid's"])
+def test_a_socket_directory_another_account_controls_is_refused(case: str) -> None:
+    # [hardening] finding 2: a directory another uid made in /tmp (or a symlink to one) was
+    # accepted; that uid replaced the socket and received a root client's prompt.
+    nobody = pwd.getpwnam("nobody").pw_uid
+    base = Path(tempfile.mkdtemp(prefix="ea-sd-", dir="/tmp"))
+    try:
+        base.chmod(0o755)
+        d = base / "run"
+        d.mkdir(mode=0o750)
+        if case == "another uid's":
+            os.chown(d, nobody, -1)
+        elif case == "a symlink to another uid's":
+            theirs = base / "theirs"
+            theirs.mkdir(mode=0o750)
+            os.chown(theirs, nobody, -1)
+            d = base / "link"
+            d.symlink_to(theirs)
+        elif case == "group-writable":
+            d.chmod(0o770)
+        elif case == "sticky but world-writable":
+            d.chmod(0o1777)
+        elif case == "under an other-writable directory":
+            base.chmod(0o777)
+        else:
+            os.chown(base, nobody, -1)
+        with pytest.raises(ListenerError) as err:
+            bind_unix_socket(d / "agent.sock")
+        assert str(d) in str(err.value) or str(base) in str(err.value), err.value
+        assert not os.path.lexists(d / "agent.sock")
+        # The same path, once it is the daemon's own private directory, is accepted.
+        shutil.rmtree(base)
+        base.mkdir(mode=0o755)
+        sock = bind_unix_socket(base / "run" / "agent.sock")
+        sock.close()
+        assert oct((base / "run").stat().st_mode & 0o777) == "0o750"
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @needs_root
