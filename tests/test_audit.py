@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import sqlite3
 import stat
 import threading
@@ -12,6 +13,7 @@ from base64 import b64encode
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -422,6 +424,43 @@ def test_symlinked_key_file_is_refused(home: Path, tmp_path_factory: pytest.Temp
     (home / "keys" / "device-ed25519.pem").symlink_to(other / "keys" / "device-ed25519.pem")
     with pytest.raises(DeviceKeyError):
         load_or_create_device_key(home)
+
+
+@pytest.mark.parametrize("case", ["0777", "symlinked", "owned by another uid",
+                                  "key file owned by another uid"])
+def test_a_key_directory_another_account_controls_is_refused(
+    home: Path, tmp_path_factory: pytest.TempPathFactory, case: str
+) -> None:
+    # [hardening] finding 10: a 0777 or symlinked keys/ and a key file owned by another uid
+    # were accepted by a root daemon.
+    import os
+    import pwd
+
+    from agent.security.keys import open_device_key
+
+    nobody = pwd.getpwnam("nobody").pw_uid
+    load_or_create_device_key(home)
+    kdir = home / "keys"
+    if case == "0777":
+        kdir.chmod(0o777)
+    elif case == "symlinked":
+        other = tmp_path_factory.mktemp("other")
+        load_or_create_device_key(other)
+        shutil.rmtree(kdir)
+        kdir.symlink_to(other / "keys")
+    elif os.geteuid() != 0:
+        pytest.skip("needs root to give a file to another uid")
+    elif case == "owned by another uid":
+        os.chown(kdir, nobody, -1)
+    else:
+        os.chown(kdir / "device-ed25519.pem", nobody, -1)
+    loaders: list[Any] = [load_or_create_device_key, open_device_key]
+    if case != "key file owned by another uid":  # the public half is in its own file
+        loaders.append(load_device_public_key)
+    for load in loaders:
+        with pytest.raises(DeviceKeyError) as err:
+            load(home)
+        assert "keys" in str(err.value)
 
 
 def test_standalone_verify_accepts_pem_and_raw(key: DeviceKey) -> None:

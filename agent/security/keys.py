@@ -144,26 +144,59 @@ def _key_dir(home: Path) -> Path:
     return home / KEY_DIR
 
 
+def _owners(home: Path) -> set[int]:
+    """Who may own the key directory and files: this process's euid and the account that
+    owns the home (the daemon's; root's CLI reads a non-root daemon's keys)."""
+    try:
+        return {os.geteuid(), home.stat().st_uid}
+    except OSError:
+        return {os.geteuid()}
+
+
+def _checked_key_dir(home: Path, *, create: bool) -> Path:
+    """`<home>/keys/`, refused if another account could have planted or swapped a key in it:
+    a symlink, not a directory, owned by someone else, or writable/readable by others
+    ([hardening] finding 10: a 0777 or symlinked keys/ was accepted)."""
+    kdir = _key_dir(home)
+    if create and not os.path.lexists(kdir):
+        kdir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        st = kdir.lstat()
+    except FileNotFoundError:
+        return kdir  # nothing to trust yet; reading a key in it fails with its own message
+    if stat.S_ISLNK(st.st_mode):
+        raise DeviceKeyError(f"key directory {kdir} is a symlink; it must be a real directory")
+    if not stat.S_ISDIR(st.st_mode):
+        raise DeviceKeyError(f"key directory {kdir} is not a directory")
+    if st.st_uid not in _owners(home):
+        raise DeviceKeyError(f"key directory {kdir} belongs to uid {st.st_uid}, not to the "
+                             "agent's account")
+    mode = stat.S_IMODE(st.st_mode)
+    if mode & 0o027:
+        raise DeviceKeyError(f"key directory {kdir} has mode {mode:04o}: group may not write "
+                             f"and others may not enter it (fix: chmod 700 {kdir})")
+    return kdir
+
+
 def load_or_create_device_key(home: Path) -> DeviceKey:
     """The key in `<home>/keys/`, generated on first use; an unsafe key file is refused."""
-    kdir = _key_dir(home)
+    kdir = _checked_key_dir(home, create=True)
     path = kdir / KEY_FILE
     if not path.exists() and not path.is_symlink():
-        kdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         _create_key_file(path)
-    key = DeviceKey(_read_private_key(path), path)
+    key = DeviceKey(_read_private_key(path, _owners(home)), path)
     _ensure_public_key_file(kdir / PUBLIC_KEY_FILE, key)
     return key
 
 
 def load_device_public_key(home: Path) -> Ed25519PublicKey:
     """The device's public key, from the .pub.pem file or else derived from the private key."""
-    kdir = _key_dir(home)
+    kdir = _checked_key_dir(home, create=False)
     pub = kdir / PUBLIC_KEY_FILE
     if pub.is_file():
         return load_public_key(pub.read_bytes())
     if (kdir / KEY_FILE).exists():
-        return _read_private_key(kdir / KEY_FILE).public_key()
+        return _read_private_key(kdir / KEY_FILE, _owners(home)).public_key()
     raise DeviceKeyError(f"no device key in {kdir} (the agent creates it on first start)")
 
 
@@ -208,10 +241,9 @@ def load_or_create_tls_key(home: Path) -> EllipticCurvePrivateKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    kdir = _key_dir(home)
+    kdir = _checked_key_dir(home, create=True)
     path = kdir / TLS_KEY_FILE
     if not path.exists() and not path.is_symlink():
-        kdir.mkdir(mode=0o700, parents=True, exist_ok=True)
         pem = ec.generate_private_key(ec.SECP256R1()).private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
@@ -219,7 +251,8 @@ def load_or_create_tls_key(home: Path) -> EllipticCurvePrivateKey:
         )
         _create_private_file(path, pem)
     try:
-        key = serialization.load_pem_private_key(_read_key_bytes(path), password=None)
+        key = serialization.load_pem_private_key(_read_key_bytes(path, _owners(home)),
+                                                 password=None)
     except (ValueError, TypeError) as exc:
         raise DeviceKeyError(f"TLS key {path} is not an unencrypted PKCS8 PEM key") from exc
     if not isinstance(key, ec.EllipticCurvePrivateKey) or key.curve.name != "secp256r1":
@@ -231,11 +264,11 @@ def tls_key_path(home: Path) -> Path:
     return _key_dir(home) / TLS_KEY_FILE
 
 
-def _read_private_key(path: Path) -> Ed25519PrivateKey:
+def _read_private_key(path: Path, owners: set[int]) -> Ed25519PrivateKey:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-    data = _read_key_bytes(path)
+    data = _read_key_bytes(path, owners)
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as exc:
@@ -246,9 +279,10 @@ def _read_private_key(path: Path) -> Ed25519PrivateKey:
     return key
 
 
-def _read_key_bytes(path: Path) -> bytes:
+def _read_key_bytes(path: Path, owners: set[int]) -> bytes:
     """The key file's bytes, after the checks that need no cryptography: regular file,
-    not a symlink, mode 0600 or stricter, ours."""
+    not a symlink, mode 0600 or stricter, owned by one of `owners` (a root process too:
+    a key file another account owns is one that account could have written)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     except OSError as exc:
@@ -263,8 +297,9 @@ def _read_key_bytes(path: Path) -> bytes:
                 f"device key {path} has mode {mode:04o}: it must not be readable or writable "
                 f"by group or others (fix: chmod 600 {path})"
             )
-        if st.st_uid != os.geteuid() and os.geteuid() != 0:
-            raise DeviceKeyError(f"device key {path} belongs to uid {st.st_uid}, not to us")
+        if st.st_uid not in owners:
+            raise DeviceKeyError(f"device key {path} belongs to uid {st.st_uid}, not to the "
+                                 "agent's account")
         with os.fdopen(fd, "rb", closefd=False) as fh:
             return fh.read()
     finally:
@@ -320,8 +355,8 @@ class LazyDeviceKey:
 
 def open_device_key(home: Path) -> DeviceKey | LazyDeviceKey:
     """The daemon's key: created now on first start, else checked now and parsed when used."""
-    path = _key_dir(home) / KEY_FILE
+    path = _checked_key_dir(home, create=False) / KEY_FILE
     if not path.exists() and not path.is_symlink():
         return load_or_create_device_key(home)
-    _read_key_bytes(path)  # an unsafe key file still stops the start, as before
+    _read_key_bytes(path, _owners(home))  # an unsafe key file still stops the start
     return LazyDeviceKey(home)
