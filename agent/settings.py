@@ -157,6 +157,12 @@ class RuntimeSettings(_Section):
         description="Prompt tokens evaluated per decode step: a long prompt arriving "
         "mid-stream delays the other streams by at most one chunk.",
     )
+    flash_attention: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="llama.cpp's fused attention kernel: auto (llama-server's default: on "
+        "where the backend supports it), on, or off. On measured 15-25% faster decoding "
+        "on a 2-core x86 CPU; its logits differ from the unfused path in the last digits.",
+    )
     onnx: OnnxSettings = Field(
         default_factory=OnnxSettings,
         description="ONNX Runtime session options and execution providers.",

@@ -182,29 +182,51 @@ def versus(args: argparse.Namespace, out: dict[str, Any], me: Target,
            files: dict[str, Path]) -> None:
     """Rows (b)-(e) against llama-server, alternating agent and server round by round (both
     processes up, one measured at a time) so that the machine's drift hits both alike."""
+    if "b" in args.rows or "c" in args.rows:
+        four_clients(args, out, me, files)
+    if "d" in args.rows:
+        single_stream(args, out, me, files)
+
+
+def four_clients(args: argparse.Namespace, out: dict[str, Any], me: Target,
+                 files: dict[str, Path]) -> None:
+    """Rows (b), (e) and (c) against `llama-server -np 4`."""
     srv = LlamaServer(args.llama_server, files[SMOL], SMOL, 4)
     try:
         t = srv.target()
         t.stream(SMOL, PROMPT, 8)
         ours, theirs, ttft_ours, ttft_theirs = [], [], [], []
-        for _ in range(args.rounds):
+        for _ in range(args.rounds if "b" in args.rows else 0):
             a, b = concurrent(me, SMOL, 4, args.tokens), concurrent(t, SMOL, 4, args.tokens)
             ours.append(a["tok_s"])
             theirs.append(b["tok_s"])
             ttft_ours += a["ttfts"]
             ttft_theirs += b["ttfts"]
-        out["b_4_clients"] = {"agent_tok_s": ours, "server_np4_tok_s": theirs,
-                              "ratio": round(statistics.median(ours)
-                                             / statistics.median(theirs), 3)}
-        print(f"(b) 4 clients: agent {ours} vs llama-server -np 4 {theirs} tok/s: "
-              f"{out['b_4_clients']['ratio']} (goal ≥ 0.9)", flush=True)
-        out["e_p95_ttft_4_clients_s"] = {"agent": p95(ttft_ours), "server": p95(ttft_theirs)}
-        print(f"(e) p95 TTFT at 4 clients: {out['e_p95_ttft_4_clients_s']}", flush=True)
-        out["c_cache_ttft"] = {"agent": cache_ttft(me, SMOL, args.rounds),
-                               "server": cache_ttft(t, SMOL, args.rounds)}
-        print(f"(c) TTFT ~500-token prefix: {out['c_cache_ttft']} (goal ≥ 10x)", flush=True)
+        if ours:
+            rows_b_e(out, ours, theirs, ttft_ours, ttft_theirs)
+        if "c" in args.rows:
+            out["c_cache_ttft"] = {"agent": cache_ttft(me, SMOL, args.rounds),
+                                   "server": cache_ttft(t, SMOL, args.rounds)}
+            print(f"(c) TTFT ~500-token prefix: {out['c_cache_ttft']} (goal ≥ 10x)",
+                  flush=True)
     finally:
         srv.stop()
+
+
+def rows_b_e(out: dict[str, Any], ours: list[float], theirs: list[float],
+             ttft_ours: list[float], ttft_theirs: list[float]) -> None:
+    out["b_4_clients"] = {"agent_tok_s": ours, "server_np4_tok_s": theirs,
+                          "ratio": round(statistics.median(ours)
+                                         / statistics.median(theirs), 3)}
+    print(f"(b) 4 clients: agent {ours} vs llama-server -np 4 {theirs} tok/s: "
+          f"{out['b_4_clients']['ratio']} (goal ≥ 0.9)", flush=True)
+    out["e_p95_ttft_4_clients_s"] = {"agent": p95(ttft_ours), "server": p95(ttft_theirs)}
+    print(f"(e) p95 TTFT at 4 clients: {out['e_p95_ttft_4_clients_s']}", flush=True)
+
+
+def single_stream(args: argparse.Namespace, out: dict[str, Any], me: Target,
+                  files: dict[str, Path]) -> None:
+    """Row (d) against `llama-server -np 1`, both models."""
     out["d_single_stream"] = {}
     for m in (SMOL, GEMMA):
         srv = LlamaServer(args.llama_server, files[m], m, 1)
@@ -236,6 +258,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--rows", default="abcdef",
+                    help="which rows to run (default all: abcdef; (e) comes with (b))")
     args = ap.parse_args()
     from registry.service import open_registry
 
@@ -259,20 +283,10 @@ def main() -> None:
     try:
         # (f) first, on a fresh daemon: SmolLM2 alone, then with Gemma loaded and used.
         me.stream(SMOL, PROMPT, 8)
-        alone = single(me, SMOL, args.tokens, args.rounds)
-        me.stream(GEMMA, PROMPT, 16)
-        beside = single(me, SMOL, args.tokens, args.rounds)
-        out["f_two_models"] = {"smol_alone_tok_s": alone, "smol_with_gemma_tok_s": beside,
-                               "ratio": round(beside / alone, 3)}
-        print(f"(f) SmolLM2 {alone} tok/s alone, {beside} with Gemma 3 loaded and used: "
-              f"{beside / alone:.3f} (goal ≥ 0.95)", flush=True)
-        rows = [concurrent(me, SMOL, n, args.tokens) for n in (1, 2, 4, 8)]
-        base = rows[0]["tok_s"]
-        for r in rows:
-            r["ratio_to_1"] = round(r["tok_s"] / base, 2)
-        out["a_agent"] = rows
-        print("(a) agent aggregate tok/s: " + ", ".join(
-            f"{r['clients']}→{r['tok_s']} ({r['ratio_to_1']}x)" for r in rows), flush=True)
+        if "f" in args.rows:
+            two_models(args, out, me)
+        if "a" in args.rows:
+            clients(args, out, me)
         if args.llama_server is None:
             out["c_agent"] = cache_ttft(me, SMOL, args.rounds)
             out["e_agent_p95_ttft_4_clients_s"] = p95(
@@ -289,6 +303,28 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.out}")
     shutil.rmtree(work, ignore_errors=True)
+
+
+def two_models(args: argparse.Namespace, out: dict[str, Any], me: Target) -> None:
+    """Row (f): SmolLM2 alone, then with Gemma 3 loaded and used."""
+    alone = single(me, SMOL, args.tokens, args.rounds)
+    me.stream(GEMMA, PROMPT, 16)
+    beside = single(me, SMOL, args.tokens, args.rounds)
+    out["f_two_models"] = {"smol_alone_tok_s": alone, "smol_with_gemma_tok_s": beside,
+                           "ratio": round(beside / alone, 3)}
+    print(f"(f) SmolLM2 {alone} tok/s alone, {beside} with Gemma 3 loaded and used: "
+          f"{beside / alone:.3f} (goal ≥ 0.95)", flush=True)
+
+
+def clients(args: argparse.Namespace, out: dict[str, Any], me: Target) -> None:
+    """Row (a): aggregate tokens/s at 1, 2, 4 and 8 clients."""
+    rows = [concurrent(me, SMOL, n, args.tokens) for n in (1, 2, 4, 8)]
+    base = rows[0]["tok_s"]
+    for r in rows:
+        r["ratio_to_1"] = round(r["tok_s"] / base, 2)
+    out["a_agent"] = rows
+    print("(a) agent aggregate tok/s: " + ", ".join(
+        f"{r['clients']}→{r['tok_s']} ({r['ratio_to_1']}x)" for r in rows), flush=True)
 
 
 if __name__ == "__main__":

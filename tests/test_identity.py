@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from agent.security.identity import IdentityCache, Subject, lookup_account, subject_for_uid
 from agent.errors import ListenerError
+from agent.security.identity import IdentityCache, Subject, lookup_account, subject_for_uid
 from agent.server import PeerCredentials, bind_unix_socket
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -102,10 +102,31 @@ class ComputeThread(Executor):
             if engines:
                 engine = engines[self._next % len(engines)]
                 self._next += 1
+                _local.pending = []
                 try:
                     engine.step()
                 except Exception:  # an engine fails its own sequences; never the thread
                     log.exception("decode step failed")
+                finally:
+                    pending, _local.pending = _local.pending, None
+                    for fn in pending:
+                        try:
+                            fn()
+                        except Exception:  # a listener's fault; the thread carries on
+                            log.exception("handing a step's results over failed")
+
+
+_local = threading.local()
+
+
+def deliver(fn: Callable[[], None]) -> None:
+    """Run `fn` now or, called during a decode step, when the step ends: what hands a step's
+    tokens to the event loop does it once for all the streams of the step."""
+    pending: list[Callable[[], None]] | None = getattr(_local, "pending", None)
+    if pending is None:
+        fn()
+    else:
+        pending.append(fn)
 
 
 _shared: ComputeThread | None = None

@@ -104,12 +104,12 @@ class LlamaBackend:
         metrics: Metrics | None = None,
         parallel: int = 4,
         chunk: int = 256,
+        flash_attention: str = "auto",
     ) -> LlamaBackend:
         """Load `resolved.path`; `n_gpu_layers=None` offloads everything when the variant
         targets a GPU this build of llama.cpp can use, else nothing. A generating model
-        gets `parallel` sequence slots over one unified KV cache of `n_ctx` cells (a
-        request may use the whole window; concurrent ones share it) and one more sequence
-        for scoring."""
+        gets `parallel` sequences, each with its own KV window of `n_ctx` cells
+        (`_sequences`); scoring uses a small context of its own, made when first asked."""
         import llama_cpp
 
         threads = threads or default_threads()
@@ -158,7 +158,7 @@ class LlamaBackend:
                 llm.close()
                 llm = open_model(trained)
             if not embedding:
-                _sequences(llm, parallel)
+                _sequences(llm, parallel, flash_attention)
             return cls(resolved, llm, threads=threads, n_gpu_layers=n_gpu_layers,
                        metrics=metrics, parallel=parallel, chunk=chunk)
         except Exception as exc:  # llama.cpp: ValueError("Failed to load model from file: ...")
@@ -463,22 +463,28 @@ def open_backend(
     backend = LlamaBackend.load(
         resolved, threads=settings.threads, n_ctx=settings.context_length, metrics=metrics,
         parallel=settings.parallel, chunk=settings.prompt_chunk,
+        flash_attention=settings.flash_attention,
     )
     backend.attach(shared_compute())
     return backend
 
 
-def _sequences(llm: Any, n_seq: int) -> None:
-    """Give `llm` a context of `n_seq` sequences, each with a KV stream of the full window
-    (the high-level constructor makes one, without flash attention); the old context is
-    freed first.
+def _sequences(llm: Any, n_seq: int, flash_attention: str = "auto") -> None:
+    """Give `llm` a context of `n_seq` sequences, each with a KV stream of the full window,
+    and flash attention as `flash_attention` says (the high-level constructor makes one
+    sequence without it); the old context is freed first.
 
     Separate streams, not one unified cache: in a unified cache a sequence's cells sit
     wherever free cells were, and attention over them rounds differently, so a greedy
     text generated beside others drifted from the one it gets alone (measured: token 13 of
     a SmolLM2 answer flipped). With a stream each, a sequence's logits are bit-identical
     alone or batched. The cost is memory: `n_seq` full windows of KV (the resolver counts
-    them in the model's estimate)."""
+    them in the model's estimate).
+
+    Flash attention "auto" is llama-server's default, and the [throughput] benchmark's
+    baseline runs with it: on this 2-core CPU it decoded 15-25% faster (SmolLM2, 1 and 4
+    streams). Its logits differ from llama-cpp-python's own `Llama()` (which leaves it off)
+    in the last digits, so comparisons with that must turn it on too."""
     import llama_cpp
     from llama_cpp import _internals
 
@@ -486,11 +492,11 @@ def _sequences(llm: Any, n_seq: int) -> None:
     params.n_ctx = int(params.n_ctx) * n_seq
     params.n_seq_max = n_seq
     params.kv_unified = False
-    # Flash attention stays off, as llama-cpp-python's own Llama() has it: on, decoding was
-    # ~5% faster here (llama-server's default is auto), but the logits change, and the
-    # tests that compare with llama-cpp-python's and the seeded JSON test failed. Turning
-    # it on is a decision for [throughput]'s next step, with those tests re-based.
-    params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    params.flash_attn_type = {
+        "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+        "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+        "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+    }[flash_attention]
     llm._ctx.close()
     llm._ctx = _internals.LlamaContext(model=llm._model, params=params, verbose=False)
 

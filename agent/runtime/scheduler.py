@@ -18,6 +18,7 @@ import functools
 import math
 import threading
 import time
+import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -32,6 +33,7 @@ from agent.errors import (
 )
 from agent.metrics import Metrics
 from agent.runtime.backend import Backend, Loader, load_backend
+from agent.runtime.compute import deliver
 from agent.runtime.residency import Lane, Lease, Residency, Resident
 from agent.runtime.types import Chunk, GenerationRequest, LoadedModel, ResolvedModel
 from agent.settings import RuntimeSettings
@@ -369,11 +371,63 @@ def _putter(
     loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], cancel: threading.Event
 ) -> Callable[[object], None]:
     """A callable that hands items from a model's thread to a queue on the event loop."""
+    box = _mailbox(loop)
 
     def put(item: object) -> None:
-        try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
-        except RuntimeError:  # the loop is gone: nobody is listening any more
-            cancel.set()
+        box.put(queue, item, cancel)
 
     return put
+
+
+class _Mailbox:
+    """Items from model threads to queues on one event loop, delivered in one hop per batch.
+
+    A decode step yields a token for each running stream; handing each over with its own
+    `call_soon_threadsafe` woke the loop (a pipe write, a GIL hand-over) once per stream and
+    token, CPU taken from llama.cpp's threads on a 2-core device (bench/concurrency.py row
+    (b)). Items are appended here, and the first one of a batch schedules the drain: at
+    the end of the decode step when it comes from one (`compute.deliver`), at once
+    otherwise."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._items: list[tuple[asyncio.Queue[Any], object, threading.Event]] = []
+        self._scheduled = False
+
+    def put(self, queue: asyncio.Queue[Any], item: object, cancel: threading.Event) -> None:
+        with self._lock:
+            self._items.append((queue, item, cancel))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        deliver(self._schedule)
+
+    def _schedule(self) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:  # the loop is gone: nobody is listening any more
+            with self._lock:
+                items, self._items = self._items, []
+            for _queue, _item, cancel in items:
+                cancel.set()
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, []
+            self._scheduled = False
+        for queue, item, _cancel in items:
+            queue.put_nowait(item)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = (
+    weakref.WeakKeyDictionary())
+_mailboxes_lock = threading.Lock()
+
+
+def _mailbox(loop: asyncio.AbstractEventLoop) -> _Mailbox:
+    with _mailboxes_lock:
+        box = _mailboxes.get(loop)
+        if box is None:
+            box = _mailboxes[loop] = _Mailbox(loop)
+        return box
