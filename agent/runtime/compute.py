@@ -85,13 +85,20 @@ class ComputeThread(Executor):
     # -- the thread ----------------------------------------------------------------------
 
     def _run(self) -> None:
+        _local.pending = []  # this thread hands results over in batches (`deliver`)
         while True:
             with self._cond:
-                while not self._jobs and not any(e.has_work() for e in self._engines):
-                    self._cond.wait()
+                idle = not self._jobs and not any(e.has_work() for e in self._engines)
+            if idle:
+                flush()  # nothing runs next: hand over what is pending, then sleep
+                with self._cond:
+                    while not self._jobs and not any(e.has_work() for e in self._engines):
+                        self._cond.wait()
+            with self._cond:
                 job = self._jobs.popleft() if self._jobs else None
                 engines = [e for e in self._engines if e.has_work()]
             if job is not None:
+                flush()
                 fut, fn, args = job
                 if fut.set_running_or_notify_cancel():
                     try:
@@ -102,31 +109,39 @@ class ComputeThread(Executor):
             if engines:
                 engine = engines[self._next % len(engines)]
                 self._next += 1
-                _local.pending = []
                 try:
                     engine.step()
                 except Exception:  # an engine fails its own sequences; never the thread
                     log.exception("decode step failed")
-                finally:
-                    pending, _local.pending = _local.pending, None
-                    for fn in pending:
-                        try:
-                            fn()
-                        except Exception:  # a listener's fault; the thread carries on
-                            log.exception("handing a step's results over failed")
+                flush()  # one hand-over to the event loop for all of the step's streams
 
 
 _local = threading.local()
 
 
 def deliver(fn: Callable[[], None]) -> None:
-    """Run `fn` now or, called during a decode step, when the step ends: what hands a step's
+    """Run `fn` now or, on the compute thread, at its next `flush`: what hands a step's
     tokens to the event loop does it once for all the streams of the step."""
     pending: list[Callable[[], None]] | None = getattr(_local, "pending", None)
     if pending is None:
         fn()
     else:
         pending.append(fn)
+
+
+def flush() -> None:
+    """Run what `deliver` deferred on this thread: after each decode step, and before the
+    thread runs a job or sleeps. (Flushing just before the next llama_decode instead, so
+    that the loop would write while llama.cpp computes, measured no different.)"""
+    pending: list[Callable[[], None]] | None = getattr(_local, "pending", None)
+    if not pending:
+        return
+    _local.pending = []
+    for fn in pending:
+        try:
+            fn()
+        except Exception:  # a listener's fault; the thread carries on
+            log.exception("handing a step's results over failed")
 
 
 _shared: ComputeThread | None = None
