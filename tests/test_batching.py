@@ -15,9 +15,11 @@ continuation has no near-tie early on (a base model asked an open question has m
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, TypeVar
 
 import pytest
@@ -282,3 +284,28 @@ def test_the_cache_is_on_for_sampled_requests_and_off_for_greedy_or_seeded_unles
     assert cached[0] == 0 and cached[1] > 10, cached
     assert cached[2] == 0 and cached[3] == 0, cached
     assert cached[4] > 10, cached
+
+
+def test_a_request_reaching_an_unloaded_engine_is_refused_not_left_waiting(
+    smollm2_gguf: Path,
+) -> None:
+    # A request checked off the compute thread can reach the engine just after the model was
+    # unloaded; queued there, no step would ever run it and its caller would wait forever.
+    from agent.errors import Stopping
+    from agent.runtime.llama import LlamaBackend
+
+    bench = Bench({"smol": smollm2_gguf})
+    backend = LlamaBackend.load(bench.resolve("smol"), threads=2, n_ctx=512, parallel=2)
+    backend.close()
+    events: list[object] = []
+    with pytest.raises(Stopping, match="unloaded"):  # it used to crash the process
+        backend.start(ask("smol", "Hello"), threading.Event(), events.append, events.append,
+                      lambda: events.append("end"))
+    for late in (lambda: backend.tokenize("Hello"), lambda: backend.score([1, 2, 3])):
+        with pytest.raises(Stopping, match="unloaded"):
+            late()
+    assert events == []
+    engine = backend.engine
+    assert engine is not None  # and the engine itself refuses a job once closed
+    with pytest.raises(Stopping, match="unloaded"):
+        engine.submit(SimpleNamespace(n=1))  # type: ignore[arg-type]

@@ -154,6 +154,10 @@ class BatchEngine:
         if job.n > self.parallel:
             raise InvalidSampling(f"n is at most {self.parallel} here (runtime.parallel)", "n")
         with self._lock:
+            if self.closed:  # unloaded meanwhile: nobody would ever step this job
+                from agent.errors import Stopping
+
+                raise Stopping(f"model {self.alias} was unloaded")
             self._waiting.append(job)
         self.wake()
 
@@ -187,10 +191,10 @@ class BatchEngine:
         """Fail what is still running, free the batch and the samplers (compute thread)."""
         if self.closed:
             return
-        self.closed = True
         from agent.errors import Stopping
 
-        with self._lock:
+        with self._lock:  # under the lock: a submit either lands before or sees `closed`
+            self.closed = True
             waiting, self._waiting = list(self._waiting), deque()
         for job in waiting:
             job.fail(Stopping(f"model {self.alias} was unloaded"))

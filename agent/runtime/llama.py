@@ -23,6 +23,7 @@ from agent.errors import (
     InvalidSampling,
     ModelLoadFailed,
     PromptTooLong,
+    Stopping,
     TaskNotSupported,
 )
 from agent.metrics import Metrics
@@ -211,6 +212,7 @@ class LlamaBackend:
     def embed(self, texts: Sequence[str]) -> Embeddings:
         """L2-normalised vectors of `texts`, pooled as the model says (mean by default);
         llama.cpp fills each batch with as many whole texts as fit."""
+        self._check_open()
         import numpy as np
 
         if not self.embedding:
@@ -227,6 +229,7 @@ class LlamaBackend:
         """Log-probability of each token after the first given those before it, from one
         fresh evaluation of `tokens` (at most n_batch of them) with logits for every one,
         in a small context of its own (the running generations and their caches stay)."""
+        self._check_open()
         import llama_cpp
         import numpy as np
 
@@ -274,6 +277,7 @@ class LlamaBackend:
 
     def prompt_tokens(self, formatted: FormattedPrompt) -> list[int]:
         """Tokens of a formatted prompt; a template that writes BOS gets no second one."""
+        self._check_open()
         text = formatted.text
         # A template that writes BOS itself must not get a second one from the tokenizer.
         add_bos = not (self._bos_text and text.startswith(self._bos_text))
@@ -345,6 +349,12 @@ class LlamaBackend:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _check_open(self) -> None:
+        """After close() the llama.cpp model is freed: any call into it would crash the
+        process, so a call that arrives late (a request racing an unload) is refused."""
+        if self._closed:
+            raise Stopping(f"model {self.alias} was unloaded")
+
     def _job(
         self,
         request: GenerationRequest,
@@ -353,6 +363,7 @@ class LlamaBackend:
         fail: Callable[[BaseException], None],
         end: Callable[[], None],
     ) -> Job:
+        self._check_open()
         if self.engine is None:
             raise TaskNotSupported(f"model {self.alias} is an embedding model; use "
                                    "/v1/embeddings")
