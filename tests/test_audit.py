@@ -116,6 +116,25 @@ def raw_rows(home: Path, sql: str) -> list[tuple[object, ...]]:
 # --- writing and verifying --------------------------------------------------------------
 
 
+def test_control_characters_in_stored_text_are_escaped_on_output(home: Path, db: Database,
+                                                                  key: DeviceKey) -> None:
+    # [hardening] finding 4: a newline and ESC[8m in a stored value printed a forged "allow
+    # ... by uid:0(root)" line and hid the real subject. Whatever got stored (an older
+    # record, a value from elsewhere) is printed escaped.
+    forged = "model:x\n       9 2026-01-01 allow ok models:write model:y by uid:0(root)\x1b[8m"
+    with A.AuditLog(db, key) as log:
+        log.append(A.AuditEntry(subject="uid:1000(mallory)", action="models:load",
+                                resource=forged, decision="deny", outcome=403, uid=1000,
+                                pid=None, details={"note": "\u202eevil"}))
+        log.flush()
+    for args in (("tail",), ("show", "1")):
+        out = run_cli(home, *args)
+        assert out.exit_code == 0, out.output
+        assert "\x1b" not in out.stdout and "\u202e" not in out.stdout
+        assert "model:x\\x0a" in out.stdout and "mallory" in out.stdout
+        assert not any(line.lstrip().startswith("9 2026") for line in out.stdout.splitlines())
+
+
 def test_append_flush_verify_ok_via_api_and_cli(home: Path, db: Database, key: DeviceKey) -> None:
     with A.AuditLog(db, key) as log:
         for i in range(1, 501):

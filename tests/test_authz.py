@@ -441,6 +441,16 @@ def test_middleware_enforces_scopes_and_audits(tmp_path: Path) -> None:
         # Unmatched routes reach the error handler untouched.
         assert c.get("/nowhere").status_code == 404
         assert c.get("/v1/chat/completions").status_code == 405
+        # An alias with a newline and ESC (finding 4) or 900 KB long (finding 1) is refused
+        # before anything is recorded; a long path is recorded cut, escaped.
+        n = len(srv.audit)
+        for alias in ("evil%0A%20%201%20allow%1B[8m", "a" * 70):
+            r = c.post(f"/agent/v1/models/{alias}/load")
+            assert r.status_code == 400 and r.json()["error"]["param"] == "model", r.text
+        r = c.post("/v1/chat/completions", json={"model": "x\n" + "y" * 900_000, **CHAT})
+        assert r.status_code in (400, 413), r.text
+        assert len(srv.audit) == n
+        assert all(len(json.dumps(a)) < 2000 for a in srv.audit)
         # A route registered without a permission entry is denied, not open (finding 6).
         r = c.get("/agent/v1/forgotten")
         assert r.status_code == 403 and r.json()["error"]["code"] == "forbidden"

@@ -33,6 +33,8 @@ from agent.security.identity import Subject, token_subject
 from agent.security.service import Security
 from agent.security.tokens import TOKEN_PREFIX
 from agent.server import peer_credentials
+from agent.terminal import printable
+from registry.service import ALIAS_RE
 
 __all__ = [
     "DECISION",
@@ -48,6 +50,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+PATH_RECORDED = 256
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -94,6 +97,24 @@ async def _requested_model(request: web.Request) -> str:
     return model if isinstance(model, str) else ""
 
 
+def _checked_alias(value: str | None) -> str | None:
+    """`value` if it can be a model alias; else a 400 before anything is recorded: a newline
+    or ESC in an alias used to reach `audit tail` raw and forge lines there, and 900 KB
+    names made 2 MB records ([hardening] findings 1 and 4)."""
+    if value and not ALIAS_RE.fullmatch(value):
+        raise APIError(400, "the model is not a valid alias: 1-64 characters a-z, 0-9, '.', "
+                       "'_', '-', starting with a letter or digit", code="invalid_value",
+                       param="model")
+    return value
+
+
+def _bounded_path(path: str) -> str:
+    """The request path as the audit records it: at most PATH_RECORDED characters, control
+    characters escaped (an 8,000-character path was stored whole, per request)."""
+    cut = path[:PATH_RECORDED] + ("…" if len(path) > PATH_RECORDED else "")
+    return printable(cut)
+
+
 def _outcome(status: int) -> str:
     if status >= 500:
         return "server_error"
@@ -128,7 +149,7 @@ def access_middleware(security: Security) -> Middleware:
             code = ("token_expired" if isinstance(exc, ExpiredToken)
                     else "token_revoked" if isinstance(exc, RevokedToken) else "invalid_token")
             who = ids.subject(cred) if cred is not None else None
-            record(who, spec.permission, request.path, "deny", "unauthenticated",
+            record(who, spec.permission, _bounded_path(request.path), "deny", "unauthenticated",
                    {"method": request.method, "reason": str(exc), "code": code, "status": 401})
             raise _auth_error(str(exc), code) from exc
         return token_subject(info.name, info.role, cred)
@@ -156,14 +177,15 @@ def access_middleware(security: Security) -> Middleware:
         model: str | None = None
         if spec.model_scoped and decision.allowed and decision.models is not None:
             # Only a model-scoped grant depends on the model: read it only then.
-            model = await _requested_model(request)
+            model = _checked_alias(await _requested_model(request))
             decision = authorize(policy, subject, spec.permission, model)
         elif spec.model_scoped:
-            model = request.match_info.get("alias")
-        resource = f"model:{model}" if model else request.path
+            model = _checked_alias(request.match_info.get("alias"))
+        resource = f"model:{model}" if model else _bounded_path(request.path)
         if not decision.allowed:
             record(subject, spec.permission, resource, "deny", "denied",
-                   {"method": request.method, "path": request.path, "reason": decision.reason,
+                   {"method": request.method, "path": _bounded_path(request.path),
+                    "reason": decision.reason,
                     "status": 403})
             raise APIError(403, decision.reason, type="permission_error", code="forbidden")
         request[SUBJECT] = subject
@@ -187,7 +209,7 @@ def access_middleware(security: Security) -> Middleware:
             raise
         finally:
             details: dict[str, Any] = {
-                "method": request.method, "path": request.path, "status": status,
+                "method": request.method, "path": _bounded_path(request.path), "status": status,
                 "binding": decision.binding, "role": decision.role,
                 "latency_ms": round((time.perf_counter() - t0) * 1000, 3),
             }

@@ -21,6 +21,7 @@ from agent.api.errors import APIError, to_api_error
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
+from registry.service import ALIAS_RE
 
 log = logging.getLogger(__name__)
 _DURATION = re.compile(r"^(-?\d+(?:\.\d+)?)(ms|s|m|h)?$")
@@ -158,7 +159,7 @@ class _CommonRequest(BaseModel):
     # llama.cpp's server does; fields we know are validated strictly.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=64)
+    model: str = Field(min_length=1, max_length=64, pattern=ALIAS_RE.pattern)
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)

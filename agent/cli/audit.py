@@ -31,6 +31,7 @@ from agent.cli.guard import guarded
 from agent.security import audit as auditlog
 from agent.security import audit_verify
 from agent.security.keys import key_id_of, load_device_public_key, load_public_key
+from agent.terminal import printable
 from localdb import Database
 
 pass_ctx = click.make_pass_decorator(Context)
@@ -109,7 +110,7 @@ def show(ctx: Context, seq: int, as_json: bool) -> None:
         return
     for name, value in rec.to_dict().items():
         shown = json.dumps(value, sort_keys=True) if name == "details" else value
-        click.echo(f"{name + ':':<10} {shown}")
+        click.echo(f"{name + ':':<10} {printable(str(shown))}")
     if signed_by:
         click.echo(f"{'signed:':<10} by checkpoint at seq {signed_by.seq} "
                    f"(key {signed_by.key_id}, {signed_by.time})")

@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from agent.errors import AgentError, SettingsError
 from agent.settings import Settings, load_settings
+from agent.terminal import printable
 from registry.errors import RegistryError
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ def print_rows(
     if header is not None:
         click.echo(header)
     for row in rows:
-        click.echo(line(row))
+        click.echo(printable(line(row)))  # stored text may hold control characters
 
 
 def human_bytes(n: int | None) -> str:
