@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import re
 import shutil
 import threading
 from collections.abc import Iterator
@@ -213,8 +212,10 @@ def test_no_template_and_unknown_architecture(templateless_llama: Path) -> None:
 def test_corrupt_file_fails_to_load(tmp_path: Path) -> None:
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(1 << 20))
-    with pytest.raises(ModelLoadFailed, match=f"broken-model.*{re.escape(str(bad))}"):
+    with pytest.raises(ModelLoadFailed, match="broken-model: cannot load variant") as err:
         LlamaBackend.load(resolved(bad, alias="broken-model"), threads=2, n_ctx=256)
+    # The path is for the agent's log, not for the app that gets the 503.
+    assert str(bad) not in str(err.value) and str(bad.parent) not in str(err.value)
 
 
 def test_cancel_stops_within_a_token(smol: LlamaBackend, metrics: Metrics) -> None:

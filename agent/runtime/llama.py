@@ -165,8 +165,12 @@ class LlamaBackend:
         except Exception as exc:  # llama.cpp: ValueError("Failed to load model from file: ...")
             if llm is not None:
                 llm.close()
+            # The path stays in the agent's log: a 503 tells a local app which variant
+            # failed, not where the store keeps its blobs ([hardening] review).
+            log.warning("model %s: cannot load %s: %s", resolved.alias, resolved.path, exc)
+            why = str(exc).replace(str(resolved.path), "its file")
             raise ModelLoadFailed(
-                f"model {resolved.alias}: cannot load {resolved.path}: {exc}"
+                f"model {resolved.alias}: cannot load variant {resolved.variant}: {why}"
             ) from exc
 
     @property

@@ -98,7 +98,10 @@ class GenAIBackend:
         except ModelLoadFailed:
             raise
         except Exception as exc:
-            raise ModelLoadFailed(f"model {resolved.alias}: cannot load {folder}: {exc}") from exc
+            log.warning("model %s: cannot load %s: %s", resolved.alias, folder, exc)
+            why = str(exc).replace(str(folder), "its folder")
+            raise ModelLoadFailed(f"model {resolved.alias}: cannot load variant "
+                                  f"{resolved.variant}: {why}") from exc
         own = int(read_genai_config(resolved)["model"].get("context_length") or 0)
         n_ctx = min(x for x in (settings.context_length, own or None,
                                 resolved.context_length) if x)
