@@ -23,6 +23,7 @@ exit codes once (agent.cli); every message is one line a person can act on.
     │       ├── InvalidToken   malformed, unknown, or wrong secret       (401)
     │       ├── ExpiredToken   past its expiry                           (401)
     │       ├── RevokedToken   revoked                                   (401)
+    │       ├── TokenAttemptsExceeded  too many failures from one peer   (429)
     │       ├── TokenNotFound  no token has that name
     │       └── TokenExists    a token with that name exists
     └── ClientError            the CLI could not get an answer from the daemon
@@ -60,6 +61,7 @@ __all__ = [
     "SettingsError",
     "Stopping",
     "TaskNotSupported",
+    "TokenAttemptsExceeded",
     "TokenError",
     "TokenExists",
     "TokenNotFound",
@@ -161,6 +163,15 @@ class ExpiredToken(TokenError):
 
 class RevokedToken(TokenError):
     """The token was revoked."""
+
+
+class TokenAttemptsExceeded(TokenError):
+    """Too many failed token attempts from one peer: refused without hashing until the
+    window passes (a peer guessing secrets kept both Argon2 slots busy for everyone)."""
+
+    def __init__(self, message: str, retry_after: int = 60) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TokenNotFound(TokenError):

@@ -16,9 +16,12 @@ from click.testing import CliRunner
 from agent.cli import Context
 from agent.cli.tokens import tokens as tokens_cli
 from agent.security.tokens import (
+    FAILURE_WINDOW,
+    FAILURES_ALLOWED,
     ExpiredToken,
     InvalidToken,
     RevokedToken,
+    TokenAttemptsExceeded,
     TokenError,
     TokenExists,
     TokenNotFound,
@@ -85,11 +88,39 @@ def test_wrong_unknown_and_malformed_tokens_are_invalid(store: TokenStore) -> No
     other = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
     with pytest.raises(InvalidToken, match=r"^invalid API token$"):
         store.verify(other)
-    with pytest.raises(InvalidToken, match=r"^unknown API token$"):
+    # [hardening] finding 11: an unknown id got its own message (and no hashing): an oracle
+    # for which ids exist. Now the same message after the same Argon2 work.
+    hasher = store.hasher
+    assert isinstance(hasher, CountingHasher)
+    before = hasher.verifies
+    with pytest.raises(InvalidToken, match=r"^invalid API token$"):
         store.verify(token.replace(info.token_id, "0123456789abcdef"))
+    assert hasher.verifies == before + 1
     for bad in ("", "Bearer x", "ea_short_x", token + " ", "ea_" + info.token_id):
         with pytest.raises(InvalidToken, match=r"^malformed API token"):
             store.verify(bad)
+
+
+def test_failed_attempts_are_limited_per_peer_without_hashing(db: Database) -> None:
+    # [hardening] finding 11: a peer with no binding who knew a token id kept both Argon2
+    # slots busy; a legitimate first use waited 1.67 s instead of 0.10 s.
+    now = [1000.0]
+    hasher = CountingHasher()
+    store = TokenStore(db, hasher=hasher, clock=lambda: now[0])
+    token, info = store.create("kiosk", "app")
+    wrong = token[:-4] + ("AAAA" if not token.endswith("AAAA") else "BBBB")
+    for _ in range(FAILURES_ALLOWED):
+        with pytest.raises(InvalidToken):
+            asyncio.run(store.averify(wrong, "uid:1234"))
+    assert hasher.verifies == FAILURES_ALLOWED
+    with pytest.raises(TokenAttemptsExceeded) as err:  # even the right token, for a while
+        asyncio.run(store.averify(token, "uid:1234"))
+    assert hasher.verifies == FAILURES_ALLOWED and 1 <= err.value.retry_after <= FAILURE_WINDOW + 1
+    # Another peer is not held up, and the first is let in once the window has passed.
+    assert asyncio.run(store.averify(token, "uid:1000")).name == "kiosk"
+    now[0] += FAILURE_WINDOW + 1
+    assert asyncio.run(store.averify(token, "uid:1234")).name == "kiosk"
+    assert info.name == "kiosk"
 
 
 def test_revoked_token_fails_at_once_even_in_another_process(

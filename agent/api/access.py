@@ -27,7 +27,7 @@ from aiohttp.typedefs import Middleware
 from agent.api import bodies
 from agent.api.errors import APIError, to_api_error
 from agent.api.routes import PUBLIC, RouteSpec, add_routes, route_spec
-from agent.errors import ExpiredToken, RevokedToken, TokenError
+from agent.errors import ExpiredToken, RevokedToken, TokenAttemptsExceeded, TokenError
 from agent.security.authz import Decision, authorize
 from agent.security.identity import Subject, token_subject
 from agent.security.service import Security
@@ -143,14 +143,21 @@ def access_middleware(security: Security) -> Middleware:
             return ids.subject(cred)
         if tokens is None:
             raise _auth_error("API tokens are not enabled", "invalid_token")
+        peer = f"uid:{cred.uid}" if cred is not None else f"addr:{request.remote}"
         try:
-            info = await tokens.averify(token)
+            info = await tokens.averify(token, peer)
         except TokenError as exc:
             code = ("token_expired" if isinstance(exc, ExpiredToken)
-                    else "token_revoked" if isinstance(exc, RevokedToken) else "invalid_token")
+                    else "token_revoked" if isinstance(exc, RevokedToken)
+                    else "too_many_attempts" if isinstance(exc, TokenAttemptsExceeded)
+                    else "invalid_token")
+            limited = isinstance(exc, TokenAttemptsExceeded)
             who = ids.subject(cred) if cred is not None else None
             record(who, spec.permission, _bounded_path(request.path), "deny", "unauthenticated",
-                   {"method": request.method, "reason": str(exc), "code": code, "status": 401})
+                   {"method": request.method, "reason": str(exc), "code": code,
+                    "status": 429 if limited else 401})
+            if limited:
+                raise to_api_error(exc) or _auth_error(str(exc), code) from exc
             raise _auth_error(str(exc), code) from exc
         return token_subject(info.name, info.role, cred)
 

@@ -23,6 +23,7 @@ from agent.errors import (
     QueueFull,
     Stopping,
     TaskNotSupported,
+    TokenAttemptsExceeded,
     TokenError,
 )
 from registry.errors import ModelInUse, ModelNotFound, RegistryError
@@ -100,6 +101,9 @@ def to_api_error(exc: BaseException) -> APIError | None:
             return APIError(503, str(exc), type="server_error", code="stopping")
         case GenerationFailed():
             return APIError(503, str(exc), type="server_error", code="generation_failed")
+        case TokenAttemptsExceeded():
+            return APIError(429, str(exc), type="rate_limit_error", code="too_many_attempts",
+                            headers={"Retry-After": str(exc.retry_after)})
         case TokenError():
             return APIError(401, str(exc), type="authentication_error", code="invalid_token")
         case PolicyError():

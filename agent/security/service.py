@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class TokenVerifier(Protocol):
     """What request authentication needs of `agent.security.tokens.TokenStore`."""
 
-    async def averify(self, token: str) -> TokenInfo: ...
+    async def averify(self, token: str, peer: str | None = None) -> TokenInfo: ...
 
 
 @dataclass

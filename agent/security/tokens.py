@@ -19,6 +19,7 @@ import re
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from agent.errors import (
     ExpiredToken,
     InvalidToken,
     RevokedToken,
+    TokenAttemptsExceeded,
     TokenError,
     TokenExists,
     TokenNotFound,
@@ -41,10 +43,13 @@ from agent.security.tables import ApiToken
 from localdb import Database
 
 __all__ = [
+    "FAILURES_ALLOWED",
+    "FAILURE_WINDOW",
     "TOKEN_PREFIX",
     "ExpiredToken",
     "InvalidToken",
     "RevokedToken",
+    "TokenAttemptsExceeded",
     "TokenError",
     "TokenExists",
     "TokenInfo",
@@ -60,6 +65,8 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}$")
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 MAX_CACHED = 1024
+FAILURES_ALLOWED = 5  # failed token attempts per peer ...
+FAILURE_WINDOW = 60.0  # ... in this many seconds, then TokenAttemptsExceeded (429)
 TokenStatus = Literal["active", "expired", "revoked"]
 
 
@@ -152,6 +159,10 @@ class TokenStore:
         self._lock = threading.Lock()
         # Bounds the CPU a flood of bad tokens can take: each costs one Argon2 hash.
         self._hash_slots = asyncio.Semaphore(max_concurrent_hashes)
+        # Failed attempts per peer (uid or address): past FAILURES_ALLOWED in
+        # FAILURE_WINDOW seconds the peer is refused without hashing.
+        self._failures: dict[str, deque[float]] = {}
+        self._dummy_hash: str | None = None
 
     # -- management (CLI) --------------------------------------------------------------
 
@@ -208,15 +219,43 @@ class TokenStore:
         info, secret, secret_hash, key = self._lookup(token)
         if not self._cached(key, secret_hash):
             self._check_secret(secret_hash, secret, key)
+        assert info is not None  # _check_secret refused the stand-in of an unknown id
         return self._check_status(info)
 
-    async def averify(self, token: str) -> TokenInfo:
-        """`verify` for the event loop: Argon2 (cache misses) runs in a worker thread."""
-        info, secret, secret_hash, key = self._lookup(token)
-        if not self._cached(key, secret_hash):
-            async with self._hash_slots:
-                await asyncio.to_thread(self._check_secret, secret_hash, secret, key)
+    async def averify(self, token: str, peer: str | None = None) -> TokenInfo:
+        """`verify` for the event loop: Argon2 (cache misses) runs in a worker thread.
+        `peer` (who connected: "uid:1000", an address) is refused with
+        TokenAttemptsExceeded after FAILURES_ALLOWED failures in FAILURE_WINDOW seconds."""
+        if peer is not None:
+            self._check_attempts(peer)
+        try:
+            info, secret, secret_hash, key = self._lookup(token)
+            if not self._cached(key, secret_hash):
+                async with self._hash_slots:
+                    await asyncio.to_thread(self._check_secret, secret_hash, secret, key)
+        except InvalidToken:
+            if peer is not None:
+                self._failed(peer)
+            raise
+        assert info is not None  # _check_secret refused the stand-in of an unknown id
         return self._check_status(info)
+
+    def _check_attempts(self, peer: str) -> None:
+        times = self._failures.get(peer)
+        if not times:
+            return
+        now = self._clock()
+        while times and times[0] <= now - FAILURE_WINDOW:
+            times.popleft()
+        if len(times) >= FAILURES_ALLOWED:
+            wait = max(1, int(times[0] + FAILURE_WINDOW - now) + 1)
+            raise TokenAttemptsExceeded(
+                f"too many failed token attempts from this client; retry in {wait}s", wait)
+
+    def _failed(self, peer: str) -> None:
+        if peer not in self._failures and len(self._failures) >= MAX_CACHED:
+            self._failures.clear()  # a flood of distinct peers: forget, never grow
+        self._failures.setdefault(peer, deque(maxlen=FAILURES_ALLOWED)).append(self._clock())
 
     def invalidate(self) -> None:
         """Forget cached Argon2 results."""
@@ -226,7 +265,7 @@ class TokenStore:
     def close(self) -> None:
         """Nothing to release: reads go through the database's own read path."""
 
-    def _lookup(self, token: str) -> tuple[TokenInfo, str, str, bytes]:
+    def _lookup(self, token: str) -> tuple[TokenInfo | None, str, str, bytes]:
         m = _TOKEN.fullmatch(token)
         if m is None:
             raise InvalidToken("malformed API token (expected ea_<id>_<secret>)")
@@ -235,12 +274,20 @@ class TokenStore:
         # waits for the write lock, a few µs per request.
         with self.db.point_read() as conn:
             row = conn.execute(_LOOKUP, (token_id,)).fetchone()
+        key = hashlib.sha256(token.encode()).digest()
         if row is None:
-            raise InvalidToken("unknown API token")
+            # The same answer, after the same Argon2 work, as a wrong secret: an unknown
+            # id must not be told apart (by message or by time) from a known one.
+            return None, secret, self._stand_in_hash(), key
         created = _utc(row[3])
         assert created is not None
         info = TokenInfo(row[0], row[1], row[2], created, _utc(row[4]), _utc(row[5]))
-        return info, secret, row[6], hashlib.sha256(token.encode()).digest()
+        return info, secret, row[6], key
+
+    def _stand_in_hash(self) -> str:
+        if self._dummy_hash is None:
+            self._dummy_hash = self.hasher.hash(secrets.token_urlsafe(24))
+        return self._dummy_hash
 
     def _cached(self, key: bytes, secret_hash: str) -> bool:
         hit = self._verified.get(key)
