@@ -155,7 +155,7 @@ def _owners(home: Path) -> set[int]:
 
 def _checked_key_dir(home: Path, *, create: bool) -> Path:
     """`<home>/keys/`, refused if another account could have planted or swapped a key in it:
-    a symlink, not a directory, owned by someone else, or writable/readable by others
+    a symlink, not a directory, owned by someone else, or writable by group or others
     ([hardening] finding 10: a 0777 or symlinked keys/ was accepted)."""
     kdir = _key_dir(home)
     if create and not os.path.lexists(kdir):
@@ -172,9 +172,9 @@ def _checked_key_dir(home: Path, *, create: bool) -> Path:
         raise DeviceKeyError(f"key directory {kdir} belongs to uid {st.st_uid}, not to the "
                              "agent's account")
     mode = stat.S_IMODE(st.st_mode)
-    if mode & 0o027:
-        raise DeviceKeyError(f"key directory {kdir} has mode {mode:04o}: group may not write "
-                             f"and others may not enter it (fix: chmod 700 {kdir})")
+    if mode & 0o022:  # the key files' own modes (0600, checked on read) keep them private
+        raise DeviceKeyError(f"key directory {kdir} has mode {mode:04o}: only its owner may "
+                             f"write in it (fix: chmod 700 {kdir})")
     return kdir
 
 
