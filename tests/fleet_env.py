@@ -246,6 +246,7 @@ class Client:
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.messages: list[tuple[str, bytes, Any]] = []
+        self._parsed: dict[int, Any] = {}  # index in messages -> its parsed JSON
         self.connack: Any = None
         self.connected = threading.Event()
         self.refused = threading.Event()
@@ -255,6 +256,9 @@ class Client:
         self.client.tls_set_context(ctx)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.dropped = threading.Event()  # the connection ended (or never got a CONNACK)
+        self.client.on_disconnect = lambda *_a: self.dropped.set()
+        self.client.on_connect_fail = lambda *_a: self.dropped.set()
         self.broker = broker
 
     def _on_connect(self, _c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -276,8 +280,17 @@ class Client:
         self.client.loop_stop()
 
     def received(self, topic_part: str) -> list[dict[str, Any]]:
+        """The JSON payloads received on topics containing `topic_part`, each parsed once
+        (tests poll this every 50 ms while thousands of messages arrive)."""
         with self.lock:
-            return [json.loads(p) for t, p, _ in self.messages if topic_part in t]
+            items = list(enumerate(self.messages))
+        out = []
+        for i, (t, p, _) in items:
+            if topic_part in t:
+                if i not in self._parsed:
+                    self._parsed[i] = json.loads(p)
+                out.append(self._parsed[i])
+        return out
 
 
 @contextlib.contextmanager

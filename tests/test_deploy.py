@@ -52,7 +52,7 @@ from fleet.topics import Topics
 ROOT = Path(__file__).resolve().parents[1]
 JETSON = ROOT / "tests" / "fixtures" / "hw" / "jetson-orin-nano-super-jp6"
 GEMMA = "gemma3-270m"
-BANDWIDTH = 12_000_000  # bytes/s: a 98 MB download lasts ~8 s, long enough to interrupt
+BANDWIDTH = 20_000_000  # bytes/s: a 98 MB download lasts ~5 s, long enough to interrupt
 
 
 @pytest.fixture(scope="module")
@@ -237,14 +237,20 @@ def fleet_root(root: Path) -> Path:
 
 
 def new_device(fleet_root: Path, name: str, pki: Pki, controller: Controller, broker: Broker,
-               models: dict[str, Path], group: str | None = None, **env: str) -> Device:
+               models: dict[str, Path], group: str | None = None, *, wait: bool = True,
+               **env: str) -> Device:
     home = prepare_home(fleet_root / name, models)
     dev = enroll_device(home, pki, controller)
     if group is not None:
         cli(controller, "device", "group", dev, group)
     d = linked_daemon(home, broker, **env).start()
-    wait_until(lambda: controller.device(dev).get("state") == "online", 30, f"{name} online")
+    if wait:
+        online(controller, Device(home, dev, d), name)
     return Device(home, dev, d)
+
+
+def online(controller: Controller, dev: Device, name: str) -> None:
+    wait_until(lambda: controller.device(dev.id).get("state") == "online", 30, f"{name} online")
 
 
 @pytest.fixture(scope="module")
@@ -267,10 +273,13 @@ def test_a_group_deployment_picks_per_device_variants_and_switches_without_a_gap
     add_artifact(controller, gemma3_gguf, GEMMA, "--name", "gguf-q4_k_m-cuda",
                  "--target", "cuda")
     models = {"smol": smollm2_gguf}
-    a = new_device(fleet_root, "a", pki, controller, broker, models, "kiosks")
-    b = new_device(fleet_root, "b", pki, controller, broker, models, "kiosks",
+    # The three start together (each still waits for its own READY), then come online.
+    a = new_device(fleet_root, "a", pki, controller, broker, models, "kiosks", wait=False)
+    b = new_device(fleet_root, "b", pki, controller, broker, models, "kiosks", wait=False,
                    EDGE_AGENT_SELECTION__HARDWARE_ROOT=str(make_jetson_root(fleet_root / "jet")))
-    c = new_device(fleet_root, "c", pki, controller, broker, models)
+    c = new_device(fleet_root, "c", pki, controller, broker, models, wait=False)
+    for dev, name in ((a, "a"), (b, "b"), (c, "c")):
+        online(controller, dev, name)
     try:
         c_before = installed(c.home)
         rbac = fleet_root / "rbac.yaml"
