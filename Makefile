@@ -13,7 +13,7 @@ export EDGE_AGENT_SOCKET ?= $(HOME_DIR)/agent.sock
 # built wheel in its cache, so only the first set-up on a machine pays for it.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-# --no-compile: Python byte-compiles a module the first time it is imported instead of pip
+#: Python byte-compiles a module the first time it is imported instead of pip
 # compiling all ~150 packages up front (measured: 71 s → 39 s for the installs); the
 # development venv is writable, so each is compiled once.
 
@@ -23,9 +23,9 @@ setup: $(STAMP)
 
 $(STAMP): requirements.lock requirements-build.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile --require-virtualenv -r requirements-build.txt
-	$(PY) -m pip install --quiet --no-compile --no-deps --require-virtualenv -r requirements.lock
-	$(PY) -m pip install --quiet --no-compile --no-deps --no-build-isolation --require-virtualenv -e .
+	$(PY) -m pip install --quiet --require-virtualenv -r requirements-build.txt
+	$(PY) -m pip install --quiet --no-deps --require-virtualenv -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation --require-virtualenv -e .
 	@touch $(STAMP)
 
 run: setup
