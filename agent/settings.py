@@ -25,6 +25,8 @@ ENV_NESTED = "__"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
 
 
+FlashAttention = Literal["auto", "on", "off"]  # llama.cpp's fused attention kernel
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
@@ -157,7 +159,7 @@ class RuntimeSettings(_Section):
         description="Prompt tokens evaluated per decode step: a long prompt arriving "
         "mid-stream delays the other streams by at most one chunk.",
     )
-    flash_attention: Literal["auto", "on", "off"] = Field(
+    flash_attention: FlashAttention = Field(
         default="auto",
         description="llama.cpp's fused attention kernel: auto (llama-server's default: on "
         "where the backend supports it), on, or off. On measured 15-25% faster decoding "

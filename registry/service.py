@@ -48,6 +48,7 @@ if TYPE_CHECKING:  # the readers pull in gguf, numpy and onnx: only imports need
     from registry.importers import FileMetadata
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+ALIAS_RULE = "1-64 characters a-z, 0-9, '.', '_', '-', starting with a letter or digit"
 Progress = Callable[[int], object]
 
 
@@ -58,8 +59,7 @@ class AliasConflict(RegistryError):
 def check_alias(alias: str) -> str:
     if not ALIAS_RE.fullmatch(alias):
         raise RegistryError(
-            f"invalid alias {alias!r}: use 1-64 characters a-z, 0-9, '.', '_', '-', "
-            "starting with a letter or digit"
+            f"invalid alias {alias!r}: use {ALIAS_RULE}"
         )
     return alias
 

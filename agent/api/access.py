@@ -34,7 +34,7 @@ from agent.security.service import Security
 from agent.security.tokens import TOKEN_PREFIX
 from agent.server import peer_credentials
 from agent.terminal import printable
-from registry.service import ALIAS_RE
+from registry.service import ALIAS_RE, ALIAS_RULE
 
 __all__ = [
     "DECISION",
@@ -102,9 +102,8 @@ def _checked_alias(value: str | None) -> str | None:
     or ESC in an alias used to reach `audit tail` raw and forge lines there, and 900 KB
     names made 2 MB records ([hardening] findings 1 and 4)."""
     if value and not ALIAS_RE.fullmatch(value):
-        raise APIError(400, "the model is not a valid alias: 1-64 characters a-z, 0-9, '.', "
-                       "'_', '-', starting with a letter or digit", code="invalid_value",
-                       param="model")
+        raise APIError(400, f"the model is not a valid alias: {ALIAS_RULE}",
+                       code="invalid_value", param="model")
     return value
 
 

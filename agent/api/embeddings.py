@@ -14,19 +14,18 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from agent.api.access import MODEL, USAGE
 from agent.api.errors import APIError
-from agent.api.openai import KeepAlive, parse_keep_alive, read_json
+from agent.api.openai import KeepAlive, ModelAlias, parse_keep_alive, read_json
 from agent.api.routes import RouteSpec
 from agent.runtime.backend import Backend
 from agent.runtime.types import Embeddings
 from agent.state import STATE
-from registry.service import ALIAS_RE
 
 
 class EmbeddingRequest(BaseModel):
     # Unknown OpenAI fields (user, ...) are accepted and ignored, as in the chat routes.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=64, pattern=ALIAS_RE.pattern)
+    model: ModelAlias
     input: str | list[str] = Field(description="Text, or texts, to embed.")
     encoding_format: Literal["float", "base64"] = "float"
     dimensions: int | None = Field(default=None, ge=1)

@@ -45,6 +45,9 @@ def parse_keep_alive(value: float | str | None) -> float | None:
 
 # Checked where the request is read: a bad value is a 400 naming keep_alive.
 KeepAlive = Annotated[float | str | None, AfterValidator(_checked_keep_alive)]
+# What a request may name as its model: an alias as the registry makes them, so nothing
+# else (control characters, 900 KB names) reaches a handler or the audit log.
+ModelAlias = Annotated[str, Field(min_length=1, max_length=64, pattern=ALIAS_RE.pattern)]
 
 
 # Request fields of OpenAI's API that change what is generated and that edge-agent does not
@@ -159,7 +162,7 @@ class _CommonRequest(BaseModel):
     # llama.cpp's server does; fields we know are validated strictly.
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1, max_length=64, pattern=ALIAS_RE.pattern)
+    model: ModelAlias
     stream: bool = False
     stream_options: StreamOptions | None = None
     max_tokens: int | None = Field(default=None, ge=1)

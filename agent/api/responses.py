@@ -23,6 +23,7 @@ from agent.api.errors import APIError
 from agent.api.openai import (
     ContentPart,
     KeepAlive,
+    ModelAlias,
     join_text_parts,
     parse_keep_alive,
     read_json,
@@ -31,7 +32,6 @@ from agent.api.openai import (
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
-from registry.service import ALIAS_RE
 
 _REFUSED: dict[str, tuple[str, tuple[object, ...]]] = {
     "previous_response_id": ("stored responses (nothing is stored on the device)", (None,)),
@@ -71,7 +71,7 @@ class TextOptions(BaseModel):
 
 class ResponsesRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    model: str = Field(min_length=1, max_length=64, pattern=ALIAS_RE.pattern)
+    model: ModelAlias
     input: str | list[InputItem]
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)

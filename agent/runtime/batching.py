@@ -39,7 +39,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.errors import InvalidSampling
+from agent.errors import InvalidSampling, Stopping
 from agent.metrics import Metrics
 from agent.runtime.stops import find_stop, held_back
 from agent.runtime.types import Chunk, Sampling
@@ -155,8 +155,6 @@ class BatchEngine:
             raise InvalidSampling(f"n is at most {self.parallel} here (runtime.parallel)", "n")
         with self._lock:
             if self.closed:  # unloaded meanwhile: nobody would ever step this job
-                from agent.errors import Stopping
-
                 raise Stopping(f"model {self.alias} was unloaded")
             self._waiting.append(job)
         self.wake()
@@ -191,8 +189,6 @@ class BatchEngine:
         """Fail what is still running, free the batch and the samplers (compute thread)."""
         if self.closed:
             return
-        from agent.errors import Stopping
-
         with self._lock:  # under the lock: a submit either lands before or sees `closed`
             self.closed = True
             waiting, self._waiting = list(self._waiting), deque()

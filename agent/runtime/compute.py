@@ -88,15 +88,12 @@ class ComputeThread(Executor):
         _local.pending = []  # this thread hands results over in batches (`deliver`)
         while True:
             with self._cond:
-                idle = not self._jobs and not any(e.has_work() for e in self._engines)
-            if idle:
-                flush()  # nothing runs next: hand over what is pending, then sleep
-                with self._cond:
-                    while not self._jobs and not any(e.has_work() for e in self._engines):
-                        self._cond.wait()
-            with self._cond:
                 job = self._jobs.popleft() if self._jobs else None
                 engines = [e for e in self._engines if e.has_work()]
+                if job is None and not engines:
+                    flush()  # nothing runs next: hand over what is pending, then sleep
+                    self._cond.wait()
+                    continue
             if job is not None:
                 flush()
                 fut, fn, args = job

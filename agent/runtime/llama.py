@@ -31,7 +31,7 @@ from agent.runtime.batching import BatchEngine, Job
 from agent.runtime.compute import ComputeThread, shared_compute
 from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
 from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedModel, Sampling
-from agent.settings import RuntimeSettings
+from agent.settings import FlashAttention, RuntimeSettings
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class LlamaBackend:
         metrics: Metrics | None = None,
         parallel: int = 4,
         chunk: int = 256,
-        flash_attention: str = "auto",
+        flash_attention: FlashAttention = "auto",
     ) -> LlamaBackend:
         """Load `resolved.path`; `n_gpu_layers=None` offloads everything when the variant
         targets a GPU this build of llama.cpp can use, else nothing. A generating model
@@ -484,7 +484,7 @@ def open_backend(
     return backend
 
 
-def _sequences(llm: Any, n_seq: int, flash_attention: str = "auto") -> None:
+def _sequences(llm: Any, n_seq: int, flash_attention: FlashAttention = "auto") -> None:
     """Give `llm` a context of `n_seq` sequences, each with a KV stream of the full window,
     and flash attention as `flash_attention` says (the high-level constructor makes one
     sequence without it); the old context is freed first.
