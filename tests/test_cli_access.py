@@ -151,3 +151,52 @@ def _refused(tmp_path: Path, smollm2_gguf: Path) -> None:
     assert rows[0][1:] == ("models:write", "model:smol", "allow", "ok")  # root's import
     assert rows[-1][0].startswith("uid:65534")
     assert rows[-1][1:] == ("models:write", "model:smol", "deny", "denied")
+
+
+def test_cli_guard_is_advisory_a_caller_policy_passes_it(smollm2_gguf: Path) -> None:
+    # [hardening] finding 7: the guard evaluates the policy file the caller's own
+    # environment names, so a caller's policy that makes them admin passes it; only file
+    # permissions stop them. docs/security.md must say so, naming what the guard reads.
+    doc = (Path(__file__).parents[1] / "docs" / "security.md").read_text()
+    section = doc.split("### The CLI guard is advisory", 1)[1].split("\n## ", 1)[0]
+    for name in ("not a security boundary", "EDGE_AGENT_SECURITY__RBAC_FILE", "--config",
+                 "EDGE_AGENT_CONFIG", "EDGE_AGENT_HOME", "uid: self", "file permissions"):
+        assert name in section, f"docs/security.md's advisory section does not name {name}"
+    tmp_path = Path(tempfile.mkdtemp(prefix="ea-cli-", dir="/tmp"))
+    try:
+        _advisory(tmp_path, smollm2_gguf)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _advisory(tmp_path: Path, smollm2_gguf: Path) -> None:
+    from click.testing import CliRunner
+
+    homes = [tmp_path / "warm", tmp_path / "home"]
+    for home in homes:
+        done = subprocess.run([sys.executable, "-m", "agent", "models", "import",
+                               str(smollm2_gguf), "--alias", "smol"],
+                              env={**os.environ, "EDGE_AGENT_HOME": str(home)},
+                              capture_output=True, text=True, check=False)
+        assert done.returncode == 0, done.stderr
+    # Load the allowed path's modules before the fork (the child may not read the checkout).
+    warm = CliRunner().invoke(main, ["models", "rm", "smol"],
+                              env={"EDGE_AGENT_HOME": str(homes[0])})
+    assert warm.exit_code == 0, warm.output
+    home = homes[1]
+    own = tmp_path / "mine.yaml"
+    own.write_text("bindings:\n  - uid: 65534\n    role: admin\n")
+    keys = home / "keys"
+    for p in [tmp_path, home, *home.rglob("*")]:
+        if not p.is_relative_to(keys):
+            p.chmod(0o777 if p.is_dir() else 0o666)
+    for p in [keys, *keys.iterdir()]:
+        os.chown(p, 65534, 65534)
+    code, stderr = _run_as(65534, home, "models", "rm", "smol",
+                           env={"EDGE_AGENT_SECURITY__RBAC_FILE": str(own)})
+    assert code == 0, stderr  # the guard let it through: its policy was the caller's
+    with sqlite3.connect(home / "registry.db") as db:
+        assert db.execute("SELECT alias FROM models").fetchall() == []
+        last = db.execute("SELECT subject, action, decision FROM audit_records "
+                          "ORDER BY seq DESC LIMIT 1").fetchone()
+    assert last[0].startswith("uid:65534") and last[1:] == ("models:write", "allow")
