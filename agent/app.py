@@ -95,6 +95,7 @@ def create_app(settings: Settings) -> web.Application:
         open_device_key(state_dir.home),
         checkpoint_every=sec.audit_checkpoint_every,
         checkpoint_seconds=sec.audit_checkpoint_seconds,
+        head_file=state_dir.audit_head,
     )
     policy = PolicyStore(  # invalid: refuse to start
         configured_policy_path(settings), self_uid=daemon_uid(state_dir.home)

@@ -44,3 +44,8 @@ class StateDir:
     def keys(self) -> Path:
         """Device keys (0700)."""
         return self.home / "keys"
+
+    @property
+    def audit_head(self) -> Path:
+        """The audit chain's signed heads, recorded outside the database (0640)."""
+        return self.home / "audit-head"

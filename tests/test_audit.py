@@ -270,6 +270,141 @@ def test_untouched_log_verifies(home: Path) -> None:
     assert result.signed_through == 50
 
 
+# --- [hardening] finding 5: blind spots of verify ------------------------------------------
+
+
+def head_file(home: Path) -> Path:
+    return home / "audit-head"
+
+
+def verify_with_head(home: Path) -> A.VerifyResult:
+    database = open_database(db_path(home))
+    try:
+        return V.verify(database, load_device_public_key(home), head_file=head_file(home))
+    finally:
+        database.close()
+
+
+def test_an_emptied_log_fails_against_the_recorded_head(home: Path) -> None:
+    # Deleting every record and every checkpoint used to verify "ok": nothing was left to
+    # contradict it. The head recorded outside the database now does.
+    write_records(home, 25, checkpoint_every=10, head_file=head_file(home))
+    assert verify_with_head(home).ok
+    tamper(home, ("DELETE FROM audit_records", ()), ("DELETE FROM audit_checkpoints", ()))
+    assert verify_file(home).ok  # the database alone cannot tell
+    result = verify_with_head(home)
+    assert (result.ok, result.first_bad_seq) == (False, 1)
+    assert result.reason.startswith("log emptied") and "seq 25" in result.reason
+    cli = run_cli(home, "verify")
+    assert cli.exit_code == 1
+    assert cli.stdout.strip().startswith("audit chain broken at seq 1: log emptied")
+
+
+def test_truncating_the_tail_with_its_checkpoints_fails_against_the_recorded_head(
+    home: Path,
+) -> None:
+    write_records(home, 35, checkpoint_every=10, head_file=head_file(home))
+    tamper(home, ("DELETE FROM audit_records WHERE seq > 22", ()),
+           ("DELETE FROM audit_checkpoints WHERE seq > 22", ()))
+    assert verify_file(home).ok  # what remains is a consistent, signed chain
+    result = verify_with_head(home)
+    assert (result.ok, result.first_bad_seq) == (False, 23)
+    assert "truncated: it ends at seq 22" in result.reason and "seq 35" in result.reason
+    assert run_cli(home, "verify").exit_code == 1
+    assert run_cli(home, "prune", "--before", "20").exit_code == 1  # refuses a broken chain
+
+
+def test_a_log_restored_from_an_older_copy_fails_against_the_recorded_head(home: Path) -> None:
+    def copy(src: Path, dst: Path) -> None:
+        with sqlite3.connect(src) as a, sqlite3.connect(dst) as b:
+            a.backup(b)
+        a.close()
+        b.close()
+
+    write_records(home, 20, checkpoint_every=10, head_file=head_file(home))
+    copy(db_path(home), home / "old.db")
+    write_records(home, 15, start=21, checkpoint_every=10, head_file=head_file(home))
+    copy(home / "old.db", db_path(home))
+    assert raw_rows(home, "SELECT MAX(seq) FROM audit_records") == [(20,)]
+    # The old copy grows past the recorded heads again, with other records.
+    write_records(home, 20, start=100, checkpoint_every=10, head_file=head_file(home))
+    assert verify_file(home).ok
+    result = verify_with_head(home)
+    assert (result.ok, result.first_bad_seq) == (False, 30)
+    assert "record 30 is not the one signed" in result.reason
+
+
+def test_heads_are_recorded_outside_the_database_and_in_the_log(
+    home: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO", logger="agent.security.audit")
+    write_records(home, 35, checkpoint_every=10, head_file=head_file(home))
+    lines = head_file(home).read_text().splitlines()
+    cps = raw_rows(home, "SELECT seq, digest, time FROM audit_checkpoints ORDER BY seq")
+    assert lines == [f"{s} {d} {t}" for s, d, t in cps] and len(lines) == 4
+    assert stat.S_IMODE(head_file(home).stat().st_mode) == 0o640
+    logged = [r.getMessage() for r in caplog.records if "signed head" in r.getMessage()]
+    assert logged == [f"audit: signed head seq {s} digest {d}" for s, d, _t in cps]
+    assert [p.name for p in home.iterdir() if "audit-head" in p.name] == ["audit-head"]
+    # Pruning keeps the checkpoints the heads point at: still ok.
+    database = open_database(db_path(home))
+    try:
+        assert V.prune(database, 30) == 30
+    finally:
+        database.close()
+    assert verify_with_head(home).ok
+    # A restart finds the log behind its recorded head and says so at once.
+    tamper(home, ("DELETE FROM audit_records WHERE seq > 32", ()),
+           ("DELETE FROM audit_checkpoints WHERE seq > 32", ()))
+    caplog.clear()
+    write_records(home, 1, start=50, head_file=head_file(home), checkpoint_on_close=False)
+    assert any("records a signed head at seq 35" in r.getMessage() for r in caplog.records)
+
+
+def test_an_edited_head_file_fails_and_is_not_overwritten(home: Path) -> None:
+    write_records(home, 20, checkpoint_every=10, head_file=head_file(home))
+    head_file(home).write_text("5 " + "0" * 64 + " whenever\n")  # moved back by hand
+    result = verify_with_head(home)
+    assert not result.ok and "head" in result.reason
+    edited = head_file(home).read_text()
+    head_file(home).write_text(edited + "garbage\n")
+    assert "not a recorded head" in verify_with_head(home).reason
+    write_records(home, 10, start=21, checkpoint_every=10, head_file=head_file(home))
+    assert head_file(home).read_text() == edited + "garbage\n"  # left for a person to see
+
+
+def test_a_duplicate_key_in_stored_details_is_detected(home: Path) -> None:
+    # `{"status":403,…,"status":200}` parses (last key wins) to what was hashed, so the
+    # digest matched and verify said ok, while a reader that keeps the first key (SQLite's
+    # json_extract) shows 403. The stored text must be exactly the canonical JSON.
+    key = load_or_create_device_key(home)
+    database = open_database(db_path(home))
+    try:
+        with A.AuditLog(database, key) as log:
+            for i in range(1, 11):
+                log.append(entry(i, status=200))
+    finally:
+        database.close()
+    text = str(raw_rows(home, "SELECT details FROM audit_records WHERE seq = 6")[0][0])
+    assert '"status":200' in text
+    forged = '{"status":403,' + text[1:]
+    tamper(home, ("UPDATE audit_records SET details = ? WHERE seq = 6", (forged,)))
+    shown = raw_rows(home, "SELECT json_extract(details, '$.status') FROM audit_records "
+                           "WHERE seq = 6")[0][0]
+    result = verify_file(home)
+    assert (result.ok, result.first_bad_seq) == (False, 6), (shown, result)
+    assert "canonical JSON" in result.reason
+    cli = run_cli(home, "verify")
+    assert cli.exit_code == 1 and cli.stdout.startswith("audit chain broken at seq 6: ")
+    # Formatting is content too now: the same object with a space is refused as well.
+    tamper(home, ("UPDATE audit_records SET details = ? WHERE seq = 6", (text,)),
+           ("UPDATE audit_records SET details = ? WHERE seq = 3",
+            (str(raw_rows(home, "SELECT details FROM audit_records WHERE seq = 3")[0][0])
+             .replace(":", ": ", 1),)))
+    result = verify_file(home)
+    assert (result.ok, result.first_bad_seq) == (False, 3)
+
+
 # --- checkpoints ------------------------------------------------------------------------
 
 

@@ -173,7 +173,7 @@ def verify(ctx: Context, public_key: Path | None, export_file: Path | None, as_j
         result = audit_verify.verify_export(_read_export(export_file), pub)
     else:
         with database(ctx) as db:
-            result = audit_verify.verify(db, pub)
+            result = audit_verify.verify(db, pub, head_file=ctx.settings.state.audit_head)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -191,7 +191,7 @@ def prune(ctx: Context, before: int) -> None:
     """Delete old records, never past a signed checkpoint; refuses if the chain is broken."""
     pub = _public_key(ctx, None)
     with database(ctx) as db:
-        result = audit_verify.verify(db, pub)
+        result = audit_verify.verify(db, pub, head_file=ctx.settings.state.audit_head)
         if not result.ok:
             fail(f"refusing to prune: {result.line()}")
         deleted = audit_verify.prune(db, before, public_key=pub,

@@ -41,7 +41,7 @@ def _audit(ctx: Context, entry: AuditEntry) -> None:
         click.echo(f"edge-agent: warning: could not write the audit record: {exc}", err=True)
         return
     try:
-        log = AuditLog(db, key, checkpoint_on_close=False)
+        log = AuditLog(db, key, checkpoint_on_close=False, head_file=state.audit_head)
         log.append(entry)
         log.close()  # flushes: the record is durable before the command returns
     finally:

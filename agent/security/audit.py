@@ -32,11 +32,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import Connection
 
 from agent.errors import AuditClosedError, AuditError
+from agent.security.audit_head import Head, read_heads, record_heads
 from agent.security.identity import Subject
 from agent.security.keys import DeviceKey, LazyDeviceKey
 from agent.security.tables import AuditCheckpoint, AuditRecord
@@ -275,6 +277,7 @@ class AuditLog:
         checkpoint_on_close: bool = True,
         max_batch: int = 5000,
         clock: Callable[[], float] = time.monotonic,
+        head_file: Path | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
@@ -286,6 +289,7 @@ class AuditLog:
         self._seconds = checkpoint_seconds
         self._on_close = checkpoint_on_close
         self._max_batch = max(1, max_batch)
+        self._head_file = head_file  # where signed heads are recorded outside the DB
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -427,6 +431,16 @@ class AuditLog:
         with _snapshot(self._db) as cur:
             self._head_seq, self._head_digest = _head(cur)
             self._cp_seq = _last_checkpoint_seq(cur)
+        if self._head_file is not None:
+            try:
+                heads = read_heads(self._head_file)
+            except (OSError, AuditError) as exc:
+                log.error("audit: cannot read the recorded head: %s", exc)
+                return
+            if heads and heads[-1].seq > self._head_seq:
+                log.error("audit: the log ends at seq %d but %s records a signed head at "
+                          "seq %d: records were deleted (audit verify names them)",
+                          self._head_seq, self._head_file, heads[-1].seq)
 
     def _write(self, pending: list[tuple[int, AuditEntry]], *, final: bool) -> None:
         now = self._clock()
@@ -463,6 +477,21 @@ class AuditLog:
         self._head_seq, self._head_digest, self._cp_seq = seq, digest, cp_seq
         if cps or time_due:
             self._cp_mono = now
+        if cps:
+            self._record_heads([Head(cp[0], cp[1], cp[2]) for cp in cps])
+
+    def _record_heads(self, heads: list[Head]) -> None:
+        """The signed heads, outside the database: the journal and the head file."""
+        for head in heads:
+            log.info("audit: signed head seq %d digest %s", head.seq, head.digest)
+        if self._head_file is None:
+            return
+        try:
+            record_heads(self._head_file, heads)
+        except (OSError, AuditError) as exc:
+            # The records are committed; only the out-of-database copy of the head is
+            # missing, and the journal line above still has it.
+            log.error("audit: cannot record the signed head in %s: %s", self._head_file, exc)
 
     def _sign(self, seq: int, digest: str) -> tuple[Any, ...]:
         sig = b64encode(self._key.sign(checkpoint_message(seq, digest))).decode("ascii")

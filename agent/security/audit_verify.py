@@ -7,9 +7,12 @@ further; `export` writes JSONL that `verify_export` checks offline. docs/audit.m
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.security.audit import (
@@ -27,8 +30,10 @@ from agent.security.audit import (
     _read_checkpoints,
     _snapshot,
     _to_record,
+    canonical_json,
     format_time,
 )
+from agent.security.audit_head import Head, read_heads
 from agent.security.keys import load_public_key
 from fleet.auditchain import verify_chain
 from localdb import Database
@@ -41,16 +46,95 @@ log = logging.getLogger("agent.security.audit")
 
 # --- verification -------------------------------------------------------------------------
 
+_Issue = tuple[int, str]
 
 
+def verify(
+    db: Database, public_key: PublicKeyLike, *, head_file: Path | None = None
+) -> VerifyResult:
+    """Walk the whole log recomputing digests and checking checkpoints (works offline).
 
-def verify(db: Database, public_key: PublicKeyLike) -> VerifyResult:
-    """Walk the whole log recomputing digests and checking checkpoints (works offline)."""
+    Also: each record's stored `details` text must be exactly the canonical JSON that was
+    hashed (a parser that keeps the first of two duplicate keys must not read something
+    else than the verifier did); and, given `head_file`, the log must still reach every
+    head recorded there, with the same digest (truncation, emptying, rollback).
+    """
     pub = load_public_key(public_key)
+    heads: list[Head] = []
+    issues: list[_Issue] = []
+    if head_file is not None:
+        try:
+            heads = read_heads(head_file)
+        except AuditError as exc:
+            issues.append((0, f"the recorded head cannot be trusted: {exc}"))
+        except OSError as exc:
+            log.warning("audit: cannot read %s, so truncation is not checked: %s",
+                        head_file, exc.strerror)
     with _snapshot(db) as cur:
         cps = _read_checkpoints(cur, None, None)
         cur.execute(f"{_SELECT_RECORDS} ORDER BY seq")
-        return verify_chain((_to_record(r) for r in _iter_rows(cur)), cps, pub, anchor=None)
+        stored: list[_Issue] = []
+        result = verify_chain(_canonical_records(_iter_rows(cur), stored), cps, pub,
+                              anchor=None)
+        issues += stored
+        if heads:
+            issues += _head_issues(cur, heads, cps, head_file)
+    if not issues:
+        return result
+    if not result.ok:
+        issues.append((result.first_bad_seq or 0, result.reason))
+    bad_seq, reason = min(issues, key=lambda i: i[0])
+    return dataclasses.replace(result, ok=False, first_bad_seq=bad_seq, reason=reason)
+
+
+def _canonical_records(rows: Iterator[Sequence[Any]], issues: list[_Issue]) -> Iterator[Record]:
+    """The records, noting the first whose stored details text is not the canonical JSON of
+    what it parses to (duplicate keys, spacing, escapes: the text was edited)."""
+    for row in rows:
+        rec = _to_record(row)
+        if not issues:
+            text = row[9]
+            try:
+                canonical = isinstance(text, str) and canonical_json(json.loads(text)) == text
+            except ValueError:
+                canonical = False  # unparseable: the digest check names it too
+            if not canonical:
+                issues.append((rec.seq, "stored details are not the canonical JSON that was "
+                                        "hashed (edited, e.g. a duplicate key)"))
+        yield rec
+
+
+def _head_issues(cur: Any, heads: list[Head], cps: list[Checkpoint],
+                 head_file: Path | None) -> list[_Issue]:
+    """Where the log no longer agrees with the heads recorded outside the database."""
+    cur.execute(f"SELECT MIN(seq), MAX(seq) FROM {_RECORD_TABLE}")  # noqa: S608
+    first, last = cur.fetchone()
+    at_cp = {(cp.seq, cp.digest) for cp in cps}
+    newest = heads[-1]
+    recorded = f"{head_file} records signed heads up to seq {newest.seq} ({newest.time})"
+    issues: list[_Issue] = []
+    for head in heads:
+        cur.execute(f"SELECT digest FROM {_RECORD_TABLE} WHERE seq = ?", (head.seq,))  # noqa: S608
+        row = cur.fetchone()
+        if row is not None:
+            if row[0] != head.digest:
+                issues.append((head.seq, f"record {head.seq} is not the one signed at "
+                                         f"{head.time} as recorded in {head_file} (log "
+                                         "rewritten or restored from an older copy)"))
+                break
+            continue
+        if (head.seq, head.digest) in at_cp:
+            continue  # pruned up to here: the checkpoint still vouches for it
+        if first is None and not cps:
+            issues.append((1, f"log emptied: no records or checkpoints, but {recorded}"))
+        elif last is None or head.seq > last:
+            end = last or max((cp.seq for cp in cps), default=0)
+            issues.append((end + 1, f"log truncated: it ends at seq {end}, but {recorded}"))
+        else:
+            issues.append((head.seq, f"the checkpoint at seq {head.seq} recorded in "
+                                     f"{head_file} is missing (deleted)"))
+        break  # the oldest disagreement names the first bad seq
+    return issues
 
 
 # --- pruning and export -------------------------------------------------------------------
