@@ -21,8 +21,10 @@ from agent.metrics import Metrics
 from agent.runtime.autobench import AutoBench
 from agent.runtime.resolver import ModelResolver, selection_policy_path
 from agent.runtime.scheduler import Scheduler
+from agent.security.admission import AuditGate
 from agent.security.audit import AuditLog, audit_recorder
 from agent.security.authz import PolicyStore, configured_policy_path, daemon_uid
+from agent.security.denials import DenialSummaries
 from agent.security.keys import open_device_key
 from agent.security.service import Security
 from agent.security.tokens import TokenStore
@@ -96,11 +98,15 @@ def create_app(settings: Settings) -> web.Application:
         checkpoint_every=sec.audit_checkpoint_every,
         checkpoint_seconds=sec.audit_checkpoint_seconds,
         head_file=state_dir.audit_head,
+        max_pending=sec.audit_queue_max,
     )
     policy = PolicyStore(  # invalid: refuse to start
         configured_policy_path(settings), self_uid=daemon_uid(state_dir.home)
     )
-    security = Security(policy, TokenStore(db), audit_recorder(audit))
+    security = Security(policy, TokenStore(db), audit_recorder(audit),
+                        gate=AuditGate(audit, state_dir.home, sec.audit_min_free_bytes))
+    if sec.audit_denial_window_seconds > 0:
+        security.denials = DenialSummaries(security.record, sec.audit_denial_window_seconds)
     sync = _sync_service(settings, db, registry, scheduler, resolver, security, metrics)
     autobench = AutoBench(resolver, busy=scheduler.busy)
     if settings.bench.auto:
@@ -110,6 +116,14 @@ def create_app(settings: Settings) -> web.Application:
 
         sync.jobs.add("autobench", "background benchmark of unmeasured variants",
                       settings.bench.auto_interval_seconds, bench_job)
+    if security.denials is not None:
+        denials = security.denials
+
+        async def denial_summaries() -> None:
+            denials.sweep()  # quick: counts in memory, appends to the audit queue
+
+        sync.jobs.add("audit-denials", "summaries of repeated denials",
+                      max(1.0, sec.audit_denial_window_seconds / 4), denial_summaries)
     state = AgentState(
         settings=settings,
         db=db,
@@ -238,6 +252,8 @@ async def shutdown(state: AgentState) -> None:
     state.autobench.stop()  # a measurement in progress ends before the jobs are awaited
     await state.sync.stop()
     await state.scheduler.close(state.settings.server.shutdown_grace_seconds)
+    if state.security.denials is not None:
+        state.security.denials.flush()  # counted repeats become summary records
     state.audit.close()  # flushes: every decision made so far is durable
     state.registry.close()
     state.db.close()

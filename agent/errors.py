@@ -18,7 +18,8 @@ exit codes once (agent.cli); every message is one line a person can act on.
     │   ├── PolicyError        the RBAC policy file is invalid (file:line: field: why)
     │   ├── DeviceKeyError     a key file is missing, unsafe or unreadable
     │   ├── AuditError         the audit log cannot do what was asked
-    │   │   └── AuditClosedError   append() after close()
+    │   │   ├── AuditClosedError   append() after close()
+    │   │   └── AuditUnavailable   audited work refused: backlog, writer failing, disk low (503)
     │   └── TokenError
     │       ├── InvalidToken   malformed, unknown, or wrong secret       (401)
     │       ├── ExpiredToken   past its expiry                           (401)
@@ -41,6 +42,7 @@ __all__ = [
     "AgentUnavailable",
     "AuditClosedError",
     "AuditError",
+    "AuditUnavailable",
     "ChatNotSupported",
     "ClientError",
     "DaemonError",
@@ -147,6 +149,15 @@ class AuditError(SecurityError):
 
 class AuditClosedError(AuditError):
     """The log was closed: nothing more can be appended."""
+
+
+class AuditUnavailable(AuditError):
+    """Work that must be audited is refused for now: the audit backlog is full, the writer
+    cannot write, or the disk is below its watermark; retry after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
 
 
 class TokenError(SecurityError):

@@ -110,6 +110,22 @@ class Metrics:
             "edge_agent_sync_link_failures", "Connections refused for good (certificate, "
             "authorization).", registry=r,
         )
+        self.home_free_bytes = Gauge(
+            "edge_agent_home_free_bytes",
+            "Free bytes on the home's filesystem (the audit log's).",
+            registry=r,
+        )
+        self.audit_pending = Gauge(
+            "edge_agent_audit_pending",
+            "Audit records appended but not yet written.",
+            registry=r,
+        )
+        self.audit_refusing = Gauge(
+            "edge_agent_audit_refusing",
+            "1 while requests that must be audited are refused (disk below "
+            "security.audit_min_free_bytes, audit backlog full, or the writer failing).",
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -225,6 +225,25 @@ class SecuritySettings(_Section):
     audit_checkpoint_seconds: float = Field(
         default=300.0, gt=0, description="...or at least this often while records arrive."
     )
+    audit_min_free_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=0,
+        description="Below this much free space on the home's filesystem, requests that "
+        "must be audited are refused (503 + Retry-After) and /readyz says not ready; 0: "
+        "no watermark.",
+    )
+    audit_queue_max: int = Field(
+        default=10_000,
+        ge=1,
+        description="Requests that must be audited are refused (503) while this many audit "
+        "records wait to be written; append() itself refuses at twice this (logged).",
+    )
+    audit_denial_window_seconds: float = Field(
+        default=60.0,
+        ge=0,
+        description="Repeats of a denial (same peer, route and reason) within this window "
+        "are counted into one summary record instead of one record each; 0: no summaries.",
+    )
 
 
 class SyncSettings(_Section):

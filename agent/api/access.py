@@ -11,6 +11,9 @@ TCP a valid token is required.
 
 Audit: denials, failed token checks, every allowed non-GET request and every inference
 call (model, token usage, latency; never prompt or completion text), and audit reads.
+Repeated denials of a (peer, route, reason) are counted into summary records
+(`Security.deny`), and work that must be audited is refused with 503 while the audit log
+cannot take it (`Security.admit`: backlog full, writer failing, disk below its watermark).
 """
 
 from __future__ import annotations
@@ -128,6 +131,13 @@ def access_middleware(security: Security) -> Middleware:
     ids = security.identities
     tokens = security.tokens
     record = security.record
+    admit = security.admit
+    deny = security.deny
+
+    def peer_of(request: web.Request) -> str:
+        """Who is on the other end, for counting repeats: the kernel's uid, else the address."""
+        cred = peer_credentials(request)
+        return f"uid:{cred.uid}" if cred is not None else f"addr:{request.remote}"
 
     async def authenticate(request: web.Request, spec: RouteSpec) -> Subject:
         cred = peer_credentials(request)
@@ -152,9 +162,11 @@ def access_middleware(security: Security) -> Middleware:
                     else "invalid_token")
             limited = isinstance(exc, TokenAttemptsExceeded)
             who = ids.subject(cred) if cred is not None else None
-            record(who, spec.permission, _bounded_path(request.path), "deny", "unauthenticated",
-                   {"method": request.method, "reason": str(exc), "code": code,
-                    "status": 429 if limited else 401})
+            admit()  # a denial the log cannot take is a 503, not an unrecorded 401
+            deny(peer, f"{request.method} {spec.path}", who, spec.permission,
+                 _bounded_path(request.path), "unauthenticated",
+                 {"method": request.method, "reason": str(exc), "code": code,
+                  "status": 429 if limited else 401})
             if limited:
                 raise to_api_error(exc) or _auth_error(str(exc), code) from exc
             raise _auth_error(str(exc), code) from exc
@@ -189,16 +201,18 @@ def access_middleware(security: Security) -> Middleware:
             model = _checked_alias(request.match_info.get("alias"))
         resource = f"model:{model}" if model else _bounded_path(request.path)
         if not decision.allowed:
-            record(subject, spec.permission, resource, "deny", "denied",
-                   {"method": request.method, "path": _bounded_path(request.path),
-                    "reason": decision.reason,
-                    "status": 403})
+            admit()  # a denial the log cannot take is a 503, not an unrecorded 403
+            deny(peer_of(request), f"{request.method} {spec.path}", subject, spec.permission,
+                 resource, "denied",
+                 {"method": request.method, "path": _bounded_path(request.path),
+                  "reason": decision.reason, "status": 403})
             raise APIError(403, decision.reason, type="permission_error", code="forbidden")
         request[SUBJECT] = subject
         request[DECISION] = decision
         inference = spec.permission == "inference:invoke"
         if request.method in ("GET", "HEAD") and spec.permission != "audit:read":
             return await handler(request)
+        admit()  # nothing is done that cannot be recorded
         t0 = time.perf_counter()
         status, outcome = 500, "server_error"
         try:

@@ -14,6 +14,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from agent.errors import (
+    AuditUnavailable,
     ChatNotSupported,
     GenerationFailed,
     InvalidSampling,
@@ -101,6 +102,9 @@ def to_api_error(exc: BaseException) -> APIError | None:
             return APIError(503, str(exc), type="server_error", code="stopping")
         case GenerationFailed():
             return APIError(503, str(exc), type="server_error", code="generation_failed")
+        case AuditUnavailable():
+            return APIError(503, str(exc), type="server_error", code="audit_unavailable",
+                            headers={"Retry-After": str(exc.retry_after)})
         case TokenAttemptsExceeded():
             return APIError(429, str(exc), type="rate_limit_error", code="too_many_attempts",
                             headers={"Retry-After": str(exc.retry_after)})

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from sqlalchemy import Connection
 
-from agent.errors import AuditClosedError, AuditError
+from agent.errors import AuditClosedError, AuditError, AuditUnavailable
 from agent.security.audit_head import Head, read_heads, record_heads
 from agent.security.identity import Subject
 from agent.security.keys import DeviceKey, LazyDeviceKey
@@ -68,6 +68,7 @@ __all__ = [
     "AuditError",
     "AuditFn",
     "AuditLog",
+    "AuditUnavailable",
     "Checkpoint",
     "Record",
     "VerifyResult",
@@ -278,6 +279,9 @@ class AuditLog:
         max_batch: int = 5000,
         clock: Callable[[], float] = time.monotonic,
         head_file: Path | None = None,
+        max_pending: int = 10_000,
+        max_retries: int = 5,
+        retry_seconds: float = 30.0,
     ) -> None:
         if checkpoint_every < 1:
             raise ValueError("checkpoint_every must be at least 1")
@@ -290,6 +294,15 @@ class AuditLog:
         self._on_close = checkpoint_on_close
         self._max_batch = max(1, max_batch)
         self._head_file = head_file  # where signed heads are recorded outside the DB
+        # Records appended but not committed, bounded: past max_pending new audited work is
+        # refused (`refusing`), past twice that append() itself refuses (see append()).
+        self._max_pending = max(1, max_pending)
+        self._backlog = 0
+        self._backlog_lock = threading.Lock()
+        self._max_retries = max(1, max_retries)
+        self._retry_seconds = retry_seconds
+        self._unhealthy: str | None = None  # why the writer cannot write, once retries ran out
+        self._wake = threading.Event()  # flush()/close() ask an unhealthy writer to try now
         self._queue: queue.SimpleQueue[_QueueItem] = queue.SimpleQueue()
         self._closed = False
         self._close_lock = threading.Lock()
@@ -311,13 +324,49 @@ class AuditLog:
 
     @property
     def pending(self) -> int:
-        """Entries appended but not yet picked up by the writer (approximate)."""
-        return self._queue.qsize()
+        """Entries appended but not yet committed."""
+        return self._backlog
+
+    @property
+    def unhealthy(self) -> str | None:
+        """Why the writer cannot write (its retries ran out), or None while it can."""
+        return self._unhealthy
+
+    def refusing(self) -> AuditUnavailable | None:
+        """Why work that must be audited should be refused now, or None: the backlog is at
+        `max_pending`, or the writer cannot write."""
+        if self._unhealthy is not None:
+            return AuditUnavailable(f"the audit log cannot be written ({self._unhealthy}); "
+                                    "requests that must be audited are refused until it can",
+                                    retry_after=30)
+        if self._backlog >= self._max_pending:
+            return AuditUnavailable(f"the audit log has {self._backlog} records waiting to be "
+                                    f"written (limit {self._max_pending}); requests that must "
+                                    "be audited are refused until it catches up",
+                                    retry_after=5)
+        return None
 
     def append(self, entry: AuditEntry) -> None:
-        """Queue `entry`; O(1), never touches the DB. Durable after the next `flush()`."""
+        """Queue `entry`; O(1), never touches the DB. Durable after the next `flush()`.
+
+        Callers gate audited work on `refusing()`; the room between `max_pending` and twice
+        that is for requests admitted before the limit was reached. Past it the entry is
+        refused with `AuditUnavailable` and logged at ERROR (never dropped silently).
+        """
         if self._closed:
             raise AuditClosedError("audit log is closed")
+        with self._backlog_lock:
+            if self._backlog >= 2 * self._max_pending:
+                full = True
+            else:
+                full = False
+                self._backlog += 1
+        if full:
+            log.error("audit: record refused, %d waiting: %s %s %s %s %s", self._backlog,
+                      entry.subject, entry.action, entry.resource, entry.decision,
+                      entry.outcome)
+            raise AuditUnavailable(f"the audit log has {self._backlog} records waiting to be "
+                                   "written; this record was refused", retry_after=5)
         self._queue.put((time.time_ns(), entry))
 
     def flush(self, timeout: float | None = None) -> None:
@@ -325,6 +374,7 @@ class AuditLog:
         token = _Flush()
         if self._thread.is_alive():
             self._queue.put(token)
+            self._wake.set()
         deadline = None if timeout is None else time.monotonic() + timeout
         # Wait in slices: a writer that has stopped (after close) never answers the token,
         # but by then it wrote everything it was going to, or recorded why not.
@@ -344,6 +394,7 @@ class AuditLog:
             if not self._closed:
                 self._closed = True
                 self._queue.put(_STOP)
+                self._wake.set()
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.error("audit writer did not stop within %ss; %d entries queued",
@@ -358,7 +409,7 @@ class AuditLog:
             log.exception("audit: cannot read the chain head; will retry on the first write")
         pending: list[tuple[int, AuditEntry]] = []
         waiters: list[_Flush] = []
-        stopping = False
+        stopping = stop_seen = False
         failures = 0
         try:
             while True:
@@ -377,19 +428,47 @@ class AuditLog:
                             waiters.append(item)
                         elif not isinstance(item, _Stop):
                             pending.append(item)
+                if stopping and not stop_seen:
+                    stop_seen, failures = True, 0  # a full round of tries before giving up
+                self._wake.clear()  # a flush()/close() from here on wakes the next wait
                 try:
                     self._write(pending, final=stopping)
                 except Exception as exc:
                     failures += 1
-                    log.exception("audit: writing %d record(s) failed (try %d)",
-                                  len(pending), failures)
-                    if stopping and failures >= 3:
-                        self._failed = f"{len(pending)} audit record(s) not written: {exc}"
+                    if failures == 1 or failures == self._max_retries:
+                        log.exception("audit: writing %d record(s) failed (try %d)",
+                                      len(pending), failures)
+                    if failures < self._max_retries:
+                        # Backoff, not synchronisation: 0.1, 0.2, 0.4 ... seconds.
+                        time.sleep(min(5.0, 0.05 * 2**failures))
+                        continue
+                    if stopping:
+                        lost = len(pending) + self._queue.qsize()
+                        self._failed = f"{lost} audit record(s) not written: {exc}"
                         log.error("audit: %s", self._failed)
                         break
-                    time.sleep(min(5.0, 0.05 * 2**failures))  # backoff, not synchronisation
+                    # Retries ran out: report unhealthy (audited work is refused), keep
+                    # every record queued, and try again only now and then or when
+                    # flush()/close() asks (a full disk must not spin the writer).
+                    if self._unhealthy is None:
+                        log.error("audit: the log cannot be written after %d tries; "
+                                  "audited requests are refused, %d record(s) kept queued: "
+                                  "%s", failures, self._backlog, exc)
+                    self._unhealthy = f"{type(exc).__name__}: {exc}"
+                    for w in waiters:
+                        w.error = f"audit records not written: {self._unhealthy}"
+                        w.done.set()
+                    waiters.clear()
+                    self._wake.wait(self._retry_seconds)
+                    failures = self._max_retries - 1  # one try per wake-up
                     continue
                 failures = 0
+                if self._unhealthy is not None:
+                    log.warning("audit: the log can be written again (%d record(s) written)",
+                                len(pending))
+                    self._unhealthy = None
+                with self._backlog_lock:
+                    self._backlog -= len(pending)
                 pending.clear()
                 for w in waiters:
                     w.done.set()

@@ -10,8 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from agent.security.admission import AuditGate
 from agent.security.audit import AuditFn
 from agent.security.authz import PolicyStore
+from agent.security.denials import DenialSummaries
 from agent.security.identity import IdentityCache, Subject
 from agent.security.tokens import TokenInfo
 
@@ -32,6 +34,26 @@ class Security:
     tokens: TokenVerifier | None
     audit: AuditFn
     identities: IdentityCache = field(default_factory=IdentityCache)
+    # Refuses audited work the log cannot take (None: always admit).
+    gate: AuditGate | None = None
+    # Repeated denials counted into summaries (None: every denial recorded in full).
+    denials: DenialSummaries | None = None
+
+    def admit(self) -> None:
+        """Raise `AuditUnavailable` if work that must be audited cannot be accepted now."""
+        if self.gate is not None:
+            self.gate.check()
+
+    def deny(self, peer: str, route: str, subject: Subject | str | None, action: str,
+             resource: str, outcome: str, details: dict[str, Any]) -> None:
+        """Audit a denial; repeats of a (peer, route, reason) are counted into a summary."""
+        if self.denials is None:
+            self.record(subject, action, resource, "deny", outcome, details)
+            return
+        try:
+            self.denials.deny(peer, route, subject, action, resource, outcome, details)
+        except Exception:
+            log.exception("audit append failed for %s %s", action, resource)
 
     def record(self, subject: Subject | str | None, action: str, resource: str, decision: str,
                outcome: str, details: dict[str, Any]) -> None:
