@@ -13,9 +13,6 @@ export EDGE_AGENT_SOCKET ?= $(HOME_DIR)/agent.sock
 # built wheel in its cache, so only the first set-up on a machine pays for it.
 export CMAKE_BUILD_PARALLEL_LEVEL ?= $(shell nproc)
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
-#: Python byte-compiles a module the first time it is imported instead of pip
-# compiling all ~150 packages up front (measured: 71 s → 39 s for the installs); the
-# development venv is writable, so each is compiled once.
 
 .PHONY: setup services run test check lint typecheck imports bench clean lock onnx-smollm2
 

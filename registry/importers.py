@@ -196,10 +196,17 @@ _GGUF_SCALAR_FORMAT = {
 _GGUF_STRING = int(gguf.GGUFValueType.STRING)
 _GGUF_ARRAY = int(gguf.GGUFValueType.ARRAY)
 _GGUF_MAX_DIMS = 4  # GGML_MAX_DIMS
-_GGUF_MAX_ARRAY_NESTING = 8
 # Numeric arrays up to this length are read (per-layer values such as head counts);
 # longer ones (token types, scores) are skipped.
 _GGUF_MAX_READ_ARRAY = 4096
+# What a header may make us hold in memory, whatever the file claims: values past these are
+# parsed (every length still checked) and dropped, read as None. (A 48 MB file of nested
+# empty arrays once took 431 MB of RSS as Python lists — nested arrays are now refused, as
+# llama.cpp refuses them; a metadata string of a gigabyte would have been decoded whole.)
+_GGUF_MAX_KEPT_ITEMS = 65_536
+_GGUF_MAX_KEPT_STRING = 1 << 20
+_GGUF_MAX_KEPT_BYTES = 16 << 20
+_GGUF_MAX_NAME = 65_536  # a metadata key or tensor name longer than this is not a name
 
 GGUFValue = str | int | float | bool | list[Any] | None
 
@@ -233,6 +240,8 @@ class _GGUFParser:
         self.size = size
         self.pos = 0
         self.order = "<"
+        self.kept_items = 0
+        self.kept_bytes = 0
 
     def take(self, n: int, what: str) -> int:
         if self.pos + n > self.size:
@@ -253,12 +262,24 @@ class _GGUFParser:
     def u64(self, what: str) -> int:
         return int(self.scalar("Q", what))
 
-    def string(self, what: str) -> str:
+    def name(self, what: str) -> str:
+        """A metadata key or a tensor name."""
         n = self.u64(what)
+        if n > _GGUF_MAX_NAME:
+            raise _BadGGUF(f"{what} has a name of {n} bytes")
         start = self.take(n, what)
         return self.buf[start : start + n].decode("utf-8", "replace")
 
-    def value(self, vtype: int, what: str, depth: int = 0) -> GGUFValue:
+    def string(self, what: str) -> str | None:
+        """A string value; None when keeping it would pass the bounds above."""
+        n = self.u64(what)
+        start = self.take(n, what)
+        if n > _GGUF_MAX_KEPT_STRING or self.kept_bytes + n > _GGUF_MAX_KEPT_BYTES:
+            return None
+        self.kept_bytes += n
+        return self.buf[start : start + n].decode("utf-8", "replace")
+
+    def value(self, vtype: int, what: str) -> GGUFValue:
         """Read one value; long arrays are skipped and read as None."""
         if vtype in _GGUF_SCALAR_FORMAT:
             return self.scalar(_GGUF_SCALAR_FORMAT[vtype], what)  # type: ignore[no-any-return]
@@ -266,21 +287,25 @@ class _GGUFParser:
             return self.string(what)
         if vtype != _GGUF_ARRAY:
             raise _BadGGUF(f"{what} has unknown value type {vtype}")
-        if depth >= _GGUF_MAX_ARRAY_NESTING:
-            raise _BadGGUF(f"{what} nests arrays too deeply")
         item_type = self.u32(what)
         count = self.u64(what)
+        if item_type == _GGUF_ARRAY:  # gguf.cpp: "has invalid GGUF type" — it cannot load it
+            raise _BadGGUF(f"{what} is an array of arrays, which llama.cpp cannot load")
         if item_type in _GGUF_SCALAR_FORMAT:
             fmt = _GGUF_SCALAR_FORMAT[item_type]
             start = self.take(count * struct.calcsize(fmt), what)
-            if count > _GGUF_MAX_READ_ARRAY:
+            if count > _GGUF_MAX_READ_ARRAY or self.kept_items + count > _GGUF_MAX_KEPT_ITEMS:
                 return None
+            self.kept_items += count
             return list(struct.unpack_from(f"{self.order}{count}{fmt}", self.buf, start))
-        if item_type == _GGUF_STRING and count > _GGUF_MAX_READ_ARRAY:
+        if item_type != _GGUF_STRING:
+            raise _BadGGUF(f"{what} has unknown value type {item_type}")
+        if count > _GGUF_MAX_READ_ARRAY or self.kept_items + count > _GGUF_MAX_KEPT_ITEMS:
             for _ in range(count):  # each takes >= 8 bytes: a bogus count soon runs out
                 self.take(self.u64(what), what)
             return None
-        return [self.value(item_type, what, depth + 1) for _ in range(count)]
+        self.kept_items += count
+        return [self.string(what) for _ in range(count)]
 
     def parse(self) -> _GGUFHeader:
         self.take(4, "the magic")
@@ -295,7 +320,7 @@ class _GGUFParser:
 
         metadata: dict[str, GGUFValue] = {}
         for i in range(kv_count):
-            key = self.string(f"metadata entry {i + 1} of {kv_count}")
+            key = self.name(f"metadata entry {i + 1} of {kv_count}")
             if key in metadata:
                 raise _BadGGUF(f"metadata key {key!r} appears twice")
             metadata[key] = self.value(self.u32(f"metadata {key!r}"), f"metadata {key!r}")
@@ -309,7 +334,7 @@ class _GGUFParser:
         tensor_end = 0
         for i in range(tensor_count):
             what = f"tensor info {i + 1} of {tensor_count}"
-            name = self.string(what)
+            name = self.name(what)
             if name in names:
                 raise _BadGGUF(f"tensor {name!r} appears twice")
             names.add(name)
@@ -496,6 +521,14 @@ def _onnx_quantization(elements_by_type: Counter[str], quant_ops: Counter[str], 
     return _ONNX_QUANT_BY_ELEM[weights.most_common(1)[0][0]]
 
 
+def _beside(location: str) -> bool:
+    """Whether an external-data location names a plain file in the model's folder."""
+    return (
+        bool(location) and location not in (".", "..") and "/" not in location
+        and "\\" not in location and "\0" not in location and not location.startswith(".")
+    )
+
+
 def _read_onnx(path: Path, size: int) -> FileMetadata:
     try:
         model = onnx.load_model(str(path), load_external_data=False)
@@ -521,6 +554,18 @@ def _read_onnx(path: Path, size: int) -> FileMetadata:
         elements_by_type[elem] += n
         parameter_count += n
         initializer_names.add(init.name)
+    from onnx.external_data_helper import _get_all_tensors
+
+    # Every tensor's external data — initializers and those inside node attributes (a
+    # Constant's value, a subgraph's) — must be a file beside the model: a location such as
+    # "../../etc/shadow" would make whoever loads it read another file.
+    for tensor in _get_all_tensors(model):
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            external.update(e.value for e in tensor.external_data if e.key == "location")
+    outside = sorted(n for n in external if not _beside(n))
+    if outside:
+        raise _invalid(path, "ONNX", f"its external data location {outside[0]!r} is not a "
+                       "file in the model's own folder")
     quant_ops = Counter(n.op_type for n in graph.node if n.op_type in ONNX_QUANT_OPS)
 
     # IR < 4 lists initializers among the inputs; they are weights, not inputs to feed.
