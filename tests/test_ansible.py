@@ -7,9 +7,10 @@ venv's `edge-agent` must run, the rendered config must pass the agent's own vali
 a bad setting must be refused before it replaces the good one.
 
 Needs root (accounts, ownership), as in CI. The wheelhouse comes from
-scripts/build-wheelhouse.sh, cached under var/wheelhouse/ by the lock's hash: the first
-build downloads the wheels (~20 s) and takes llama-cpp-python from pip's wheel cache (or
-compiles it, ~11 min, once per machine).
+scripts/build-wheelhouse.sh, cached under var/wheelhouse/ and ~/.cache/edge-agent/ by the
+lock's hash: the first build on a machine downloads the wheels (~20 s) and takes
+llama-cpp-python from pip's wheel cache (or compiles it, ~11 min, once per machine); a fresh
+clone then copies them (~5 s).
 """
 
 from __future__ import annotations
