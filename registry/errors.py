@@ -24,6 +24,7 @@ __all__ = [
     "ModelInUse",
     "ModelNotFound",
     "NoSourceAvailable",
+    "NoSpace",
     "NoVariantFits",
     "PolicyError",
     "RegistryError",
@@ -52,6 +53,10 @@ class NoSourceAvailable(RegistryError):
 
 class IntegrityError(RegistryError):
     """Content does not hash to the sha256 it was expected to have."""
+
+
+class NoSpace(RegistryError):
+    """The store's file system has no room for the content (nothing was recorded)."""
 
 
 class NoVariantFits(RegistryError):

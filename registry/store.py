@@ -17,6 +17,7 @@ no lock: a path either names a complete blob or nothing.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -26,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from registry.errors import IntegrityError
+from registry.errors import IntegrityError, NoSpace
 
 __all__ = ["Blob", "BlobStore", "Progress", "check_sha256", "hash_file"]
 
@@ -174,6 +175,10 @@ class BlobStore:
         return src.stat().st_dev == self.blobs_dir.stat().st_dev
 
     def _ingest_by_copy(self, src: Path, expected: str | None, progress: Progress | None) -> Blob:
+        need = src.stat().st_size
+        free = shutil.disk_usage(self.tmp_dir).free
+        if need > free:
+            raise NoSpace(_no_space(self.root, need, free))
         fd, tmp_name = tempfile.mkstemp(dir=self.tmp_dir, prefix="ingest-", suffix=".part")
         tmp = Path(tmp_name)
         try:
@@ -194,6 +199,12 @@ class BlobStore:
             sha = h.hexdigest()
             _check_expected(src, sha, expected)
             return self._commit(tmp, sha, size)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            # Filled while copying (something else wrote too): the part file goes below.
+            raise NoSpace(_no_space(self.root, need, shutil.disk_usage(self.tmp_dir).free)) \
+                from exc
         finally:
             tmp.unlink(missing_ok=True)  # gone already once committed
 
@@ -228,6 +239,11 @@ class BlobStore:
         file.replace(dest)
         _fsync_dir(dest.parent)
         return Blob(sha, size, dest)
+
+
+def _no_space(root: Path, need: int, free: int) -> str:
+    return (f"not enough space for the model in {root}: it needs {need / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB are free; nothing was imported")
 
 
 def _check_expected(src: Path, actual: str, expected: str | None) -> None:

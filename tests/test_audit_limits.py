@@ -5,19 +5,16 @@ audited work is refused with 503 while /readyz and /metrics say why."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import sqlite3
-import subprocess
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon import running
+from filesystems import fill, small_fs
 
 from agent.errors import AuditError, AuditUnavailable
 from agent.security import audit as A
@@ -36,42 +33,6 @@ def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> Non
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
-
-
-@contextlib.contextmanager
-def small_fs(size: str) -> Iterator[Path]:
-    """A real tmpfs of `size` (the test runs as root in CI), unmounted afterwards."""
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root (CI runs the suite as root)")
-    mnt = Path(tempfile.mkdtemp(prefix="ea-fs-", dir="/tmp"))
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs",
-                           str(mnt)], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        mnt.rmdir()
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mnt
-    finally:
-        subprocess.run(["umount", "-l", str(mnt)], check=False)
-        mnt.rmdir()
-
-
-def fill(directory: Path, leave: int = 0) -> Path:
-    """Fill the filesystem of `directory` until only about `leave` bytes are free."""
-    filler = directory / "filler"
-    chunk = b"\0" * (64 * 1024)
-    with filler.open("wb") as f:
-        try:
-            while True:
-                st = os.statvfs(directory)
-                room = st.f_bavail * st.f_frsize - leave
-                if room <= 0:
-                    break
-                f.write(chunk[:room] if room < len(chunk) else chunk)
-                f.flush()
-        except OSError:
-            pass  # ENOSPC: full
-    return filler
 
 
 def entry(i: int, size: int = 0) -> A.AuditEntry:
