@@ -31,6 +31,7 @@ import httpx
 import pytest
 from conftest_models import make_tiny_gguf
 from daemon import Daemon, prepare_home
+from filesystems import fill, small_fs
 from fleet_env import (
     Broker,
     Controller,
@@ -633,6 +634,37 @@ def test_downloads_resume_after_the_server_dies_and_after_the_agent_is_killed(
         assert complete(dev.d, "smol3")
     finally:
         dev.d.stop()
+
+
+def test_a_disk_that_fills_during_a_download_fails_the_model_and_the_device_keeps_serving(
+    pki: Pki, broker: Broker, controller: Controller, artifacts: ArtifactServer,
+    smollm2_gguf: Path
+) -> None:
+    """The device's home is a real 160 MB tmpfs; once the download has begun, the test
+    fills it. The model fails with the reason, the partial file is gone (so the device's
+    own database and audit have room again), nothing is installed, and the device answers."""
+    row = add_artifact(controller, smollm2_gguf, "smolfull")
+    with small_fs("160m") as fs:
+        dev = new_device(fs, "full", pki, controller, broker, {})
+        try:
+            name = create(controller, "--model", "smolfull", "--device", dev.id, "--bandwidth",
+                          str(BANDWIDTH), "--disk-reserve", "0")
+            first_step(controller, dev.id, name, lambda s: (s["percent"] or 0) >= 10)
+            filler = fill(fs)
+            entry = status(controller, name)["devices"][0]
+            assert entry["state"] == "failed", entry
+            failed = next(s for s in entry["steps"] if s["step"] == "failed")
+            assert "not enough disk: it filled during the download" in failed["reason"], failed
+            assert "the partial download was removed" in failed["reason"]
+            assert not (dev.home / "downloads" / f"{row['sha256']}.part").exists()
+            assert installed(dev.home)["models"] == []
+            assert any(r["action"] == "deploy:model" and r["outcome"] == "failed"
+                       for r in audited(dev.home))
+            with dev.d.client() as c:
+                assert c.get("/v1/models").status_code == 200
+            filler.unlink()
+        finally:
+            dev.d.stop()
 
 
 def test_the_broker_alone_delivers_a_model_in_chunks_across_an_agent_restart(

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -61,6 +62,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 Audit = Callable[[str, str, str, str, dict[str, Any]], None]
 CHUNK_WINDOW = 8  # chunk topics subscribed at once on the MQTT path
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 class Rejected(ValueError):
@@ -385,6 +387,17 @@ class DeployManager:
         except ArtifactRejected:
             part.unlink(missing_ok=True)  # never resumed from, never imported
             raise
+        except OSError as exc:
+            if exc.errno not in _DISK_FULL:
+                raise
+            # The disk filled during the download (something else wrote, or the reserve was
+            # too small): the partial file goes, so that the agent's own audit and database
+            # have room again; the deployment fails for this model and says why.
+            got = part.stat().st_size if part.exists() else 0
+            part.unlink(missing_ok=True)
+            raise RuntimeError(f"not enough disk: it filled during the download of {v.name} "
+                               f"({got} of {v.size} bytes); the partial download was "
+                               "removed") from exc
         final = self.state.downloads / v.file
         part.replace(final)
         return final
@@ -437,6 +450,8 @@ class DeployManager:
                     await self._write_stream(state, model, v, part, have, resp.aiter_bytes())
                 return
             except (httpx.TransportError, OSError) as exc:
+                if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+                    raise  # not a network problem: retrying would keep the disk full
                 log.warning("download of %s interrupted (%s); resuming in %.0fs", v.name, exc,
                             delay)
                 await asyncio.sleep(delay)  # backoff before the retry, not synchronisation
