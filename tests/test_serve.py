@@ -439,6 +439,29 @@ def test_memory_budget_for_one_model_evicts_the_idle_one(
         assert loaded == [GEMMA]
 
 
+def test_a_model_larger_than_the_memory_budget_is_refused_before_loading(
+    tmp_path: Path, smollm2_gguf: Path
+) -> None:
+    """Refused from its estimate, before llama.cpp maps a byte: no load, no OOM kill."""
+    home = prepare_home(tmp_path / "home", {SMOL: smollm2_gguf})
+    with (
+        running(home, {"EDGE_AGENT_RUNTIME__MEMORY_BUDGET_BYTES": "50000000"}) as d,
+        d.client() as c,
+    ):
+        assert d.proc is not None
+        r = c.post("/v1/completions", json={"model": SMOL, "prompt": "Hi", "max_tokens": 1})
+        # Selection refuses it from the estimate (the residency's own check, the same
+        # budget, would refuse it next): the request is wrong for this device, not an outage.
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith(
+            f"no variant of {SMOL} fits: smallest needs ")
+        assert r.json()["error"]["message"].endswith("budget is 50 MB")
+        assert c.get("/agent/v1/loaded").json()["models"] == []
+        maps = Path(f"/proc/{d.proc.pid}/maps").read_text()
+        assert "/store/" not in maps and "/views/" not in maps  # the file was never mapped
+        assert c.get("/healthz").status_code == 200
+
+
 def test_keep_alive_zero_unloads_after_the_request(tmp_path: Path, smollm2_gguf: Path) -> None:
     home = prepare_home(tmp_path / "home", {SMOL: smollm2_gguf})
     with running(home) as d, d.client() as c:
