@@ -58,6 +58,12 @@ def wait_until(predicate: Callable[[], bool], timeout: float, what: str,
         time.sleep(interval)
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds process `pid` has used, all its threads."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Pki:
     """A controller home with the fleet's keys, the broker's and the controller's certs."""
 

@@ -36,6 +36,7 @@ from fleet_env import (
     Broker,
     Controller,
     Pki,
+    cpu_seconds,
     enroll_device,
     free_port,
     linked_daemon,
@@ -200,15 +201,9 @@ def first_step(controller: Controller, device: str, name: str,
 def cpu_seconds_over(pid: int, window: float) -> float:
     """CPU time (user + system) process `pid` used during `window` seconds of wall time: a
     measurement over a fixed window, not a wait for something to happen."""
-    import os
-
-    def used() -> float:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    before = used()
+    before = cpu_seconds(pid)
     time.sleep(window)
-    return used() - before
+    return cpu_seconds(pid) - before
 
 
 def make_jetson_root(dest: Path) -> Path:

@@ -14,7 +14,15 @@ from pathlib import Path
 import httpx
 import pytest
 from daemon import prepare_home
-from fleet_env import Broker, Controller, Pki, enroll_device, linked_daemon, wait_until
+from fleet_env import (
+    Broker,
+    Controller,
+    Pki,
+    cpu_seconds,
+    enroll_device,
+    linked_daemon,
+    wait_until,
+)
 from sqlalchemy import func, select
 
 from controller.tables import AuditRecord, Telemetry
@@ -162,13 +170,6 @@ def test_agent_killed_mid_flush_loses_nothing(
         d2.stop()
 
 
-def _cpu_seconds(pid: int) -> float:
-    import os
-
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def test_a_rate_limited_flush_starves_no_class_and_idles_without_spinning(
     tmp_path: Path, pki: Pki, broker: Broker, controller: Controller
 ) -> None:
@@ -188,8 +189,8 @@ def test_a_rate_limited_flush_starves_no_class_and_idles_without_spinning(
                                                         _device_telemetry_made(home)),
                    60, "every record at the controller")
         assert d.proc is not None
-        before = _cpu_seconds(d.proc.pid)
+        before = cpu_seconds(d.proc.pid)
         time.sleep(2.0)  # a measurement window over an idle agent, not a synchronisation
-        assert _cpu_seconds(d.proc.pid) - before < 0.4, "the idle flusher keeps a CPU busy"
+        assert cpu_seconds(d.proc.pid) - before < 0.4, "the idle flusher keeps a CPU busy"
     finally:
         d.stop()
