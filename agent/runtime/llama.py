@@ -19,7 +19,6 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from agent.errors import (
-    ChatNotSupported,
     InvalidSampling,
     ModelLoadFailed,
     PromptTooLong,
@@ -29,7 +28,13 @@ from agent.errors import (
 from agent.metrics import Metrics
 from agent.runtime.batching import BatchEngine, Job
 from agent.runtime.compute import ComputeThread, shared_compute
-from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
+from agent.runtime.templates import (
+    ChatFormat,
+    FormattedPrompt,
+    JinjaFormat,
+    chat_format_for,
+    render_request,
+)
 from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedModel, Sampling
 from agent.settings import FlashAttention, RuntimeSettings
 
@@ -200,14 +205,8 @@ class LlamaBackend:
 
     def format_prompt(self, request: GenerationRequest) -> FormattedPrompt:
         """The text the model sees: the prompt as given, or the chat rendered by its template."""
-        if request.messages is None:
-            return FormattedPrompt(request.prompt or "", source="raw")
-        if self._chat is None:
-            raise ChatNotSupported(
-                f"model {self.alias} has no chat template and none is known for architecture "
-                f"{self.architecture or 'unknown'}; use /v1/completions"
-            )
-        return self._chat(request.messages)
+        return render_request(self._chat, request, alias=self.alias,
+                              architecture=self.architecture)
 
     def tokenize(self, text: str) -> list[int]:
         """Tokens of `text` as a raw prompt (special tokens parsed, BOS as the model wants)."""

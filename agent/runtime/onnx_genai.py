@@ -18,11 +18,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from agent.errors import ChatNotSupported, ModelLoadFailed, PromptTooLong, TaskNotSupported
+from agent.errors import ModelLoadFailed, PromptTooLong, TaskNotSupported
 from agent.metrics import Metrics
 from agent.runtime.onnx import CPU, ProviderChoice, choose_provider, read_genai_config
 from agent.runtime.stops import find_stop, held_back
-from agent.runtime.templates import ChatFormat, FormattedPrompt, JinjaFormat, chat_format_for
+from agent.runtime.templates import (
+    ChatFormat,
+    FormattedPrompt,
+    JinjaFormat,
+    chat_format_for,
+    render_request,
+)
 from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedModel
 from agent.settings import RuntimeSettings
 
@@ -135,14 +141,9 @@ class GenAIBackend:
             self._model = None
 
     def format_prompt(self, request: GenerationRequest) -> FormattedPrompt:
-        if request.messages is None:
-            return FormattedPrompt(request.prompt or "", source="raw")
-        if self._chat is None:
-            raise ChatNotSupported(
-                f"model {self.alias} has no chat template and none is known for architecture "
-                f"{self.architecture or 'unknown'}; use /v1/completions"
-            )
-        return self._chat(request.messages)
+        """The text the model sees: the prompt as given, or the chat rendered by its template."""
+        return render_request(self._chat, request, alias=self.alias,
+                              architecture=self.architecture)
 
     def generate(self, request: GenerationRequest, cancel: threading.Event) -> Iterator[Chunk]:
         """Stream the completion; the last chunk has finish_reason and usage."""

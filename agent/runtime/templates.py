@@ -18,7 +18,7 @@ from datetime import datetime
 from typing import Any
 
 from agent.errors import ChatNotSupported
-from agent.runtime.types import ChatMessage
+from agent.runtime.types import ChatMessage, GenerationRequest
 
 log = logging.getLogger(__name__)
 
@@ -340,6 +340,20 @@ class JinjaFormat:
             ) from exc
         stop = tuple(s for s in [self.eos_token] if s)
         return FormattedPrompt(prompt, stop=stop, source="gguf")
+
+
+def render_request(chat: ChatFormat | None, request: GenerationRequest, *, alias: str,
+                   architecture: str | None) -> FormattedPrompt:
+    """The text a model sees for a request, whichever backend runs it: the prompt as given,
+    or the chat rendered by the model's format (refused when it has none)."""
+    if request.messages is None:
+        return FormattedPrompt(request.prompt or "", source="raw")
+    if chat is None:
+        raise ChatNotSupported(
+            f"model {alias} has no chat template and none is known for architecture "
+            f"{architecture or 'unknown'}; use /v1/completions"
+        )
+    return chat(request.messages)
 
 
 def chat_format_for(
