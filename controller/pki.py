@@ -13,13 +13,13 @@ from __future__ import annotations
 import base64
 import ipaddress
 import json
-import os
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fleet.files import write_atomic
 from fleet.topics import check_name
 
 if TYPE_CHECKING:
@@ -52,22 +52,14 @@ class Approved:
 
 
 def _write_private(path: Path, data: bytes) -> None:
+    """A new key, 0600; never over an existing one (FileExistsError)."""
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    write_atomic(path, data, 0o600, exclusive=True)
 
 
 def _write_public(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.chmod(0o644)
-    tmp.replace(path)
+    write_atomic(path, data, 0o644)
 
 
 class FleetKeys:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Final
 
 from agent.errors import AuditError
+from fleet.files import write_atomic
 
 __all__ = ["HEAD_FILE", "KEEP", "Head", "read_heads", "record_heads"]
 
@@ -77,22 +78,10 @@ def record_heads(path: Path, new: Sequence[Head]) -> int:
         if not added:
             return 0
         keep = [*heads, *added][-KEEP:]
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, MODE)
-        try:
-            try:
-                os.fchmod(fd, MODE)  # whatever the umask
-                if os.geteuid() == 0 and owner[0] != 0:
-                    os.fchown(fd, *owner)  # root's CLI signing: the daemon must still read it
-                os.write(fd, "".join(h.line() for h in keep).encode("ascii"))
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            tmp.replace(path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)  # a full disk leaves no stray temporary file
-            raise
-        _fsync_dir(path.parent)
+        # Root's CLI signing a checkpoint: the file keeps the home's owner, so that the
+        # daemon can still read and extend it.
+        write_atomic(path, "".join(h.line() for h in keep).encode("ascii"), MODE,
+                     owner=owner if os.geteuid() == 0 and owner[0] != 0 else None)
         return len(added)
 
 
@@ -108,10 +97,3 @@ def _locked(directory: Path) -> Iterator[tuple[int, int]]:
     finally:
         os.close(fd)
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import DeviceKeyError
+from fleet.files import write_atomic
 
 # `cryptography` is imported where a key is used, not here: an idle daemon whose key
 # already exists signs nothing until its first audit checkpoint (~7 MB of RSS saved).
@@ -213,26 +214,13 @@ def _create_key_file(path: Path) -> None:
 
 
 def _create_private_file(path: Path, pem: bytes) -> None:
-    """Create `path` with `pem`, mode 0600, atomically; an existing file wins."""
-    # Written under a private temporary name, then hard-linked into place: the key is never
-    # world-readable, and a second process starting at the same moment either links first
-    # or finds a complete file (link never overwrites).
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)  # left by a crash of a process that had our pid
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    """Create `path` with `pem`, mode 0600, atomically; an existing file wins (a second
+    process starting at the same moment links first or finds a complete file)."""
     try:
-        os.fchmod(fd, 0o600)  # independent of the umask
-        os.write(fd, pem)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)
+        write_atomic(path, pem, 0o600, exclusive=True)
         log.info("created key %s", path)
     except FileExistsError:
         pass
-    finally:
-        tmp.unlink()
 
 
 def load_or_create_tls_key(home: Path) -> EllipticCurvePrivateKey:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,6 +31,7 @@ from agent.security.keys import (
     load_or_create_device_key,
     load_or_create_tls_key,
 )
+from fleet.files import write_atomic
 from fleet.topics import check_name
 from localdb import StateDir
 
@@ -209,15 +209,6 @@ def _write_state(home: Path, enrollment: Enrollment) -> None:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    """Write 0640 under a temporary name in the (0700) key directory, then rename."""
+    """Replace `path` whole, 0640, in the (0700) key directory."""
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o640)
-    try:
-        os.fchmod(fd, 0o640)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
+    write_atomic(path, data, 0o640)
