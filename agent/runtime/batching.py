@@ -105,6 +105,16 @@ class _Choice:
     t_last: float = 0.0
 
 
+def put_token(batch: Any, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    """Entry `i` of a llama_batch: `token` at position `pos` of sequence `seq`, with its
+    logits kept or not."""
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq
+    batch.logits[i] = logits
+
+
 class BatchEngine:
     """The sequences of one loaded model and the steps that advance them together."""
 
@@ -322,12 +332,7 @@ class BatchEngine:
         return n
 
     def _put(self, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
-        b = self._batch
-        b.token[i] = token
-        b.pos[i] = pos
-        b.n_seq_id[i] = 1
-        b.seq_id[i][0] = seq
-        b.logits[i] = logits
+        put_token(self._batch, i, token, pos, seq, logits)
 
     def _decode(self, n: int) -> int:
         if self._m_batch is not None:

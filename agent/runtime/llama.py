@@ -26,7 +26,7 @@ from agent.errors import (
     TaskNotSupported,
 )
 from agent.metrics import Metrics
-from agent.runtime.batching import BatchEngine, Job
+from agent.runtime.batching import BatchEngine, Job, put_token
 from agent.runtime.compute import ComputeThread, shared_compute
 from agent.runtime.templates import (
     ChatFormat,
@@ -246,8 +246,7 @@ class LlamaBackend:
         ctx = self._scoring_context()
         b = llm._batch.batch
         for i, t in enumerate(tokens):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = t, i, 1, True
-            b.seq_id[i][0] = 0
+            put_token(b, i, t, i, 0, True)
         b.n_tokens = n
         try:
             if llama_cpp.llama_decode(ctx.ctx, b) != 0:
