@@ -20,15 +20,16 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
@@ -40,7 +41,7 @@ from registry.errors import (
     NoSourceAvailable,
     RegistryError,
 )
-from registry.store import BlobStore
+from registry.store import Blob, BlobStore
 from registry.tables import Artifact, Model, ModelEvent, Variant, VariantFile
 from registry.types import Task, VariantSpec, bits_per_weight
 
@@ -62,6 +63,16 @@ def check_alias(alias: str) -> str:
             f"invalid alias {alias!r}: use {ALIAS_RULE}"
         )
     return alias
+
+
+def utc(value: datetime) -> datetime:
+    """`value` with its offset: SQLite keeps none, and every stored time is UTC
+    (`localdb.utcnow`). A naive time read back was shown without a zone, and its
+    `.timestamp()` was taken as local time."""
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+UtcTime = Annotated[datetime, AfterValidator(utc)]
 
 
 class VariantInfo(BaseModel):
@@ -94,13 +105,13 @@ class ModelInfo(BaseModel):
     context_length: int | None
     license: str | None
     source: str
-    created_at: datetime
+    created_at: UtcTime
     variants: list[VariantInfo]
     active_variant: str | None = None
 
 
 class EventInfo(BaseModel):
-    time: datetime
+    time: UtcTime
     kind: str
     details: dict[str, Any]
 
@@ -277,7 +288,7 @@ class Registry:
         """(alias, created) of every model: the cheap read behind GET /v1/models."""
         with self.db.read_connection() as conn:
             rows = conn.execute(select(Model.alias, Model.created_at).order_by(Model.alias))
-            return [(alias, created) for alias, created in rows]
+            return [(alias, utc(created)) for alias, created in rows]
 
     def aliases(self) -> list[str]:
         with self.db.read() as s:
@@ -375,10 +386,15 @@ class Registry:
         license: str | None = None,
         source: str = "import",
         variant: tuple[str, str] | None = None,
+        file_name: str | None = None,
     ) -> ImportResult:
         """Verify a model file (or an ONNX model folder), store it by content and record
         it; a repeat is a no-op. `variant` (name, target) names it as a deployment does;
-        by default the name is `<format>-<quantization>-cpu`."""
+        by default the name is `<format>-<quantization>-cpu`. `file_name`: the name to
+        record when `path`'s own is not the model's (a download named by its digest).
+
+        `move=True` deletes `path` only once the record is committed: a crash before
+        that leaves it in place (the blob it became is unreferenced and collected)."""
         if path.is_dir():
             main, side, extra = self._check_dir(path)
             meta, alias = self._check_file(main, alias, task or extra.task,
@@ -390,7 +406,7 @@ class Registry:
         meta, alias = self._check_file(path, alias, task)
         with self.writer():
             return self._ingest(path, meta, alias, move, progress, expected_sha256, task,
-                                family, license, source, variant=variant)
+                                family, license, source, variant=variant, file_name=file_name)
 
     @staticmethod
     def _check_dir(path: Path) -> tuple[Path, list[Path], _FolderFacts]:
@@ -474,17 +490,43 @@ class Registry:
         file_name: str | None = None,
         variant: tuple[str, str] | None = None,
     ) -> ImportResult:
-        """Store and record a checked file (and its side files); the caller holds `writer()`."""
-        blob = self.store.ingest(
-            path, move=move, expected_sha256=expected_sha256, progress=progress
-        )
+        """Store and record a checked file (and its side files); the caller holds `writer()`.
+        Moved sources are deleted after the record commits, not before (see `_take`)."""
+        moved = [path] if move else []
+        blob = self._take(path, move, expected_sha256, progress)
         files = []
         for f in side or []:
-            b = self.store.ingest(f, move=move and f.parent == path.parent, progress=progress)
+            side_move = move and f.parent == path.parent
+            b = self._take(f, side_move, None, progress)
             files.append(SideFile(name=f.name, sha256=b.sha256, size=b.size))
-        return self._record(meta, blob.sha256, blob.size, alias, task, family, license, source,
-                            side=files, extra=extra or _FolderFacts(),
-                            file_name=file_name or path.name, variant=variant)
+            moved += [f] if side_move else []
+        result = self._record(meta, blob.sha256, blob.size, alias, task, family, license,
+                              source, side=files, extra=extra or _FolderFacts(),
+                              file_name=file_name or path.name, variant=variant)
+        for f in moved:
+            f.unlink(missing_ok=True)
+        return result
+
+    def _take(self, src: Path, move: bool, expected_sha256: str | None,
+              progress: Progress | None) -> Blob:
+        """Store `src`; moved by a hard link taken in the store's tmp/ (renamed into place
+        by the store), so `src` keeps its content until the caller has recorded the blob.
+        Renaming `src` itself lost a deployment's download to a crash between the rename
+        and the record: the blob had no record, recovery collected it, and nothing was left
+        to install from. A filesystem without hard links to tmp/ gets a copy."""
+        if move:
+            link = self.store.tmp_dir / f"move-{secrets.token_hex(8)}"
+            try:
+                os.link(src, link)
+            except OSError:
+                pass  # another filesystem (EXDEV) or no hard links: copy below
+            else:
+                try:
+                    return self.store.ingest(link, move=True, expected_sha256=expected_sha256,
+                                             progress=progress)
+                finally:
+                    link.unlink(missing_ok=True)  # renamed into place, or refused
+        return self.store.ingest(src, expected_sha256=expected_sha256, progress=progress)
 
     def _record(
         self,
