@@ -333,13 +333,26 @@ class DeployManager:
             if not self._installed(model.alias, v):
                 path = await self._fetch(state, model, v)
                 self.report(state.deployment, state.version, "verifying", model.alias, v.name)
+                # Imported from the download itself, which the registry deletes only once
+                # the variant is recorded: a crash on the way leaves it to resume from.
                 await asyncio.to_thread(
                     self.registry.import_file, path, alias=model.alias, move=True,
                     expected_sha256=v.sha256, task=model.task, source="deploy",
-                    variant=(v.name, v.target))
+                    variant=(v.name, v.target), file_name=v.file)
                 self.report(state.deployment, state.version, "installed", model.alias, v.name,
                             bytes_moved=self._moved.pop(v.sha256, 0))
+            else:
+                await asyncio.to_thread(self._drop_download, v)
         await self._switch(state, model, chosen)
+
+    def _drop_download(self, v: VariantDoc) -> None:
+        """An installed variant's download, if a crash came between its record and its
+        deletion (or an older agent left it under the file's name): not needed any more."""
+        for name in (f"{v.sha256}.part", v.file):
+            path = self.state.downloads / name
+            if path.is_file():
+                log.info("removing %s: %s is installed", path, v.name)
+                path.unlink(missing_ok=True)
 
     def choose(self, model: ModelDoc) -> tuple[VariantDoc, str]:
         """Selection over the document's variants for this device: the one, and why."""
@@ -398,9 +411,10 @@ class DeployManager:
             raise RuntimeError(f"not enough disk: it filled during the download of {v.name} "
                                f"({got} of {v.size} bytes); the partial download was "
                                "removed") from exc
-        final = self.state.downloads / v.file
-        part.replace(final)
-        return final
+        # Verified, and kept under its digest's name until the registry has it: a restart
+        # finds it complete and imports it without fetching a byte (it was renamed to
+        # `v.file` here once, which the resume did not look for: downloaded again).
+        return part
 
     async def _wait_for_window(self, state: DesiredState, model: ModelDoc, v: VariantDoc) -> None:
         if not state.windows or v.size <= state.limits.large_download_bytes:
