@@ -20,6 +20,8 @@ def read_yaml(path: Path, error: type[Exception]) -> tuple[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise error(f"{path}: cannot read: {e.strerror or e}") from e
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte {e.start})") from e
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -27,6 +29,8 @@ def read_yaml(path: Path, error: type[Exception]) -> tuple[str, Any]:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(e, "problem", None) or str(e)
         raise error(f"{where}: invalid YAML: {problem}") from e
+    except RecursionError:  # PyYAML's parser recurses once per level of nesting
+        raise error(f"{path}: invalid YAML: nested too deeply") from None
     return text, ({} if data is None else data)
 
 
