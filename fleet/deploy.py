@@ -160,7 +160,7 @@ def sign(state: DesiredState, key: Ed25519PrivateKey, key_id: str) -> bytes:
 
 def verify(raw: bytes, key: Ed25519PublicKey, key_id: str) -> DesiredState:
     """The document, only if `key` signed exactly these bytes; raises SignatureError (or
-    ValueError for a document that is signed but invalid)."""
+    ValueError for a document that is signed but invalid), whatever the bytes are."""
     from cryptography.exceptions import InvalidSignature
 
     if len(raw) > MAX_DOCUMENT * 2:
@@ -171,13 +171,18 @@ def verify(raw: bytes, key: Ed25519PublicKey, key_id: str) -> DesiredState:
         signature = base64.b64decode(doc.signature, validate=True)
     except ValueError as exc:
         raise SignatureError(f"not a signed document: {str(exc)[:200]}") from exc
+    except RecursionError:  # json recurses once per level: 2 MB of '[' is far too deep
+        raise SignatureError("not a signed document: nested too deeply") from None
     if doc.key_id != key_id:
         raise SignatureError(f"signed with key {doc.key_id!r}, not the pinned key {key_id!r}")
     try:
         key.verify(signature, payload)
     except InvalidSignature as exc:
         raise SignatureError("the signature does not verify: tampered or forged") from exc
-    return DesiredState.model_validate(json.loads(payload))
+    try:
+        return DesiredState.model_validate(json.loads(payload))
+    except RecursionError:
+        raise ValueError("the document is nested too deeply") from None
 
 
 class ArtifactManifest(_Strict):

@@ -763,7 +763,7 @@ def _peek(raw: bytes) -> tuple[str, int]:
         payload = json.loads(base64.b64decode(json.loads(raw)["payload"]))
         name = str(payload.get("deployment", "unknown"))
         version = int(payload.get("version", 0))
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
         return "unknown", 0
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", name):
         name = "unknown"
