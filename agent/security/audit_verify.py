@@ -71,20 +71,32 @@ def verify(
             log.warning("audit: cannot read %s, so truncation is not checked: %s",
                         head_file, exc.strerror)
     with _snapshot(db) as cur:
-        cps = _read_checkpoints(cur, None, None)
-        cur.execute(f"{_SELECT_RECORDS} ORDER BY seq")
-        stored: list[_Issue] = []
-        result = verify_chain(_canonical_records(_iter_rows(cur), stored), cps, pub,
-                              anchor=None)
-        issues += stored
-        if heads:
-            issues += _head_issues(cur, heads, cps, head_file)
+        # A byte edit can leave text that is not UTF-8, which sqlite3 refuses to return at
+        # all (OperationalError); read it with U+FFFD instead, so its digest names it.
+        conn = cur.connection
+        text_factory = conn.text_factory
+        conn.text_factory = _lenient_text
+        try:
+            cps = _read_checkpoints(cur, None, None)
+            cur.execute(f"{_SELECT_RECORDS} ORDER BY seq")
+            stored: list[_Issue] = []
+            result = verify_chain(_canonical_records(_iter_rows(cur), stored), cps, pub,
+                                  anchor=None)
+            issues += stored
+            if heads:
+                issues += _head_issues(cur, heads, cps, head_file)
+        finally:
+            conn.text_factory = text_factory
     if not issues:
         return result
     if not result.ok:
         issues.append((result.first_bad_seq or 0, result.reason))
     bad_seq, reason = min(issues, key=lambda i: i[0])
     return dataclasses.replace(result, ok=False, first_bad_seq=bad_seq, reason=reason)
+
+
+def _lenient_text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def _canonical_records(rows: Iterator[Sequence[Any]], issues: list[_Issue]) -> Iterator[Record]:
