@@ -208,6 +208,34 @@ def test_a_schema_without_a_grammar_is_refused(agent: Daemon) -> None:
     assert r.json()["error"]["param"].startswith("response_format")
 
 
+@pytest.mark.parametrize("schema", [
+    {"type": "string", "maxLength": 100_000},  # killed the daemon: SIGSEGV in llama.cpp
+    {"type": "array", "items": {"type": "integer"}, "maxItems": 2000},  # no sampler
+])
+def test_a_schema_whose_grammar_would_crash_llama_cpp_is_refused(
+    agent: Daemon, schema: dict[str, Any]
+) -> None:
+    """Found by the API fuzzer: the grammar converter nests maxLength N groups N deep and
+    llama.cpp parses them recursively. Refused with a 400 that names the limit — as a
+    response format and as a tool's parameters — and the daemon keeps answering."""
+    r = _post(agent, "/v1/chat/completions", {
+        "model": SMOL, "messages": CHAT, "max_tokens": 4,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "x",
+                                                                   "schema": schema}}})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format.json_schema.schema"
+    assert "at most 1000" in r.json()["error"]["message"] \
+        or "cannot use the grammar" in r.json()["error"]["message"]
+    tool = {"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"x": schema}, "required": ["x"]}}}
+    r = _post(agent, "/v1/chat/completions", {
+        "model": SMOL, "messages": CHAT, "max_tokens": 4, "tools": [tool],
+        "tool_choice": "required"})
+    assert r.status_code == 400, r.text
+    ok = _post(agent, "/v1/chat/completions", {"model": SMOL, "messages": CHAT, "max_tokens": 2})
+    assert ok.status_code == 200
+
+
 WEATHER = {
     "type": "function",
     "function": {

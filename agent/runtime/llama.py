@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -39,6 +40,21 @@ from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedMo
 from agent.settings import FlashAttention, RuntimeSettings
 
 log = logging.getLogger(__name__)
+
+GRAMMAR_MAX_DEPTH = 1000
+"""Nesting of a constrained-output grammar (llama.cpp returns no sampler from about 2000)."""
+GRAMMAR_MAX_BYTES = 1 << 20
+_GRAMMAR_LITERALS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]')
+
+
+def grammar_depth(text: str) -> int:
+    """How deeply the groups of a GBNF grammar nest (quoted literals and [classes] skipped)."""
+    depth = deepest = 0
+    for paren in re.findall(r"[()]", _GRAMMAR_LITERALS.sub("", text)):
+        depth += 1 if paren == "(" else -1
+        deepest = max(deepest, depth)
+    return deepest
+
 
 GPU_TARGETS = ("gpu", "cuda", "rocm", "hip", "vulkan", "metal", "sycl", "opencl")
 
@@ -417,11 +433,39 @@ class LlamaBackend:
 
         if s.json_schema is None:
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        param = "response_format.json_schema.schema"
         try:
-            return LlamaGrammar.from_json_schema(s.json_schema, verbose=False)
-        except Exception as exc:  # the converter raises bare ValueErrors and RuntimeErrors
+            grammar = LlamaGrammar.from_json_schema(s.json_schema, verbose=False)
+        except (Exception, MemoryError, RecursionError) as exc:  # bare ValueErrors and more
             raise InvalidSampling(f"this JSON schema cannot be turned into a grammar: {exc}",
-                                  "response_format.json_schema.schema") from exc
+                                  param) from exc
+        self._check_grammar(str(grammar._grammar), param)
+        return grammar
+
+    def _check_grammar(self, text: str, param: str) -> None:
+        """Refuse a grammar llama.cpp would crash on or refuse. The converter writes a
+        string's maxLength (an array's maxItems) N as N nested optional groups; llama.cpp
+        parses groups recursively, so a schema with maxLength 100000 overflowed the stack
+        and killed the daemon (SIGSEGV), and one of 2000 made llama.cpp return no sampler,
+        which a chain then used. Bounded here, then checked by llama.cpp itself."""
+        import llama_cpp
+
+        if len(text) > GRAMMAR_MAX_BYTES:
+            raise InvalidSampling(
+                f"the grammar for this JSON schema would be {len(text):,} bytes (at most "
+                f"{GRAMMAR_MAX_BYTES:,}); use fewer or smaller properties", param)
+        depth = grammar_depth(text)
+        if depth > GRAMMAR_MAX_DEPTH:
+            raise InvalidSampling(
+                f"this JSON schema nests {depth} levels deep as a grammar (at most "
+                f"{GRAMMAR_MAX_DEPTH}): maxLength, maxItems and their minimums may be at "
+                f"most {GRAMMAR_MAX_DEPTH}", param)
+        vocab = llama_cpp.llama_model_get_vocab(self._llm._model.model)
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, text.encode(), b"root")
+        if not sampler:
+            raise InvalidSampling("llama.cpp cannot use the grammar built from this JSON "
+                                  "schema", param)
+        llama_cpp.llama_sampler_free(sampler)
 
     def _check_bias(self, bias: dict[int, float]) -> None:
         """logit_bias may name only this model's token ids (OpenAI: -100 bans, 100 forces;
