@@ -15,6 +15,7 @@ from aiohttp import web
 from agent.api import agent_api, embeddings, health, openai, responses
 from agent.api.access import install_access
 from agent.api.errors import APIError, error_middleware, error_response
+from agent.api.limits import limits_middleware
 from agent.api.routes import PUBLIC, add_routes, route_spec
 from agent.errors import SettingsError
 from agent.metrics import Metrics
@@ -138,7 +139,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app = web.Application(
         client_max_size=settings.server.max_body_bytes,
-        middlewares=[metrics_middleware, error_middleware, stopping_middleware],
+        # limits outside errors: error responses are sent within the write deadline too
+        middlewares=[metrics_middleware, limits_middleware(settings.server, metrics),
+                     error_middleware, stopping_middleware],
     )
     app[STATE] = state
     add_routes(app, health.ROUTES + openai.ROUTES + responses.ROUTES + embeddings.ROUTES

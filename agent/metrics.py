@@ -26,6 +26,19 @@ class Metrics:
             ["route", "code"],
             registry=r,
         )
+        self.write_timeouts = Counter(
+            "edge_agent_write_timeouts",
+            "Responses aborted because the client did not read within "
+            "server.write_timeout_seconds, by route.",
+            ["route"],
+            registry=r,
+        )
+        self.peer_limited = Counter(
+            "edge_agent_peer_limited",
+            "Requests refused (429) because their client had server.max_requests_per_peer "
+            "in progress.",
+            registry=r,
+        )
         self.tokens_generated = Counter(
             "edge_agent_tokens_generated", "Tokens generated, by model.", ["model"], registry=r
         )

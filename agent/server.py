@@ -39,6 +39,13 @@ def peer_credentials(request: web.BaseRequest) -> PeerCredentials | None:
     return PeerCredentials(pid=pid, uid=uid, gid=gid)
 
 
+def peer_name(request: web.BaseRequest) -> str:
+    """Who is connected, as per-client limits count them: "uid:1000" on the Unix socket
+    (kernel-verified, so it cannot be forged), "addr:127.0.0.1" over TCP."""
+    cred = peer_credentials(request)
+    return f"uid:{cred.uid}" if cred is not None else f"addr:{request.remote}"
+
+
 def _live_listener(path: Path) -> bool:
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:

@@ -50,6 +50,19 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="How long in-flight requests may finish on SIGTERM."
     )
+    write_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a write may wait for the client to read: a client that has "
+        "not drained the response buffer within it has its connection closed and its "
+        "generation stopped.",
+    )
+    max_requests_per_peer: int = Field(
+        default=8,
+        ge=1,
+        description="Requests one client (a uid on the socket, an address over TCP) may "
+        "have in progress at once; 429 beyond (health checks are not counted).",
+    )
 
 
     @field_validator("socket_mode", mode="before")

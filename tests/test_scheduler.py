@@ -226,13 +226,15 @@ def test_different_models_generate_concurrently(broken_gguf: Path) -> None:
 
 def test_queue_overflow_is_refused(broken_gguf: Path) -> None:
     async def body(w: World) -> None:
+        w.pause = {"a"}
         first = w.manager.generate(request("a"))
-        await anext(first)  # in progress: the test has not consumed the rest
+        await anext(first)  # in progress: its generation is held after the first chunk
         assert w.manager.queue_depth("a") == 1
         assert w.sample("edge_agent_queue_depth", model="a") == 1
         with pytest.raises(QueueFull) as err:
             await anext(w.manager.generate(request("a")))
         assert err.value.retry_after >= 1
+        w.resume.set()
         await collect(first)
         assert w.manager.queue_depth("a") == 0
         assert (await collect(w.manager.generate(request("a"))))[-1].finish_reason == "length"
@@ -345,6 +347,28 @@ def test_explicit_load_and_unload_manage_the_lease(broken_gguf: Path) -> None:
         assert w.loaded() == []
 
     run_with(broken_gguf, body)
+
+
+def test_a_generation_that_ended_frees_its_slot_before_its_chunks_are_read(
+    broken_gguf: Path,
+) -> None:
+    # A client that stops reading must not keep the model: the slot is given back when the
+    # generation ends, while its chunks still wait for the caller ([hardening] finding 3).
+    async def body(w: World) -> None:
+        unread = w.manager.generate(request("a"))
+        first = await anext(unread)
+        async with asyncio.timeout(50):  # the generation goes on without a reader, and ends
+            while w.manager.queue_depth("a") or w.manager.loaded()[0].busy:
+                await w.manager.residency.wait_activity(None)
+        assert w.active == 0
+        # With queue_size 0, the next request is admitted and runs...
+        assert (await collect(w.manager.generate(request("a"))))[-1].finish_reason == "length"
+        # ...and the unread one still gets all its chunks.
+        rest = await collect(unread)
+        assert [first, *rest][-1].completion_tokens == 8
+        assert w.manager.queue_depth("a") == 0
+
+    run_with(broken_gguf, body, queue_size=0)
 
 
 def test_closing_the_stream_early_cancels_and_frees_the_slot(broken_gguf: Path) -> None:

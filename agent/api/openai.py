@@ -18,6 +18,7 @@ from agent.api import bodies
 from agent.api import tools as tooling
 from agent.api.access import END_USER, MODEL, USAGE
 from agent.api.errors import APIError, to_api_error
+from agent.api.limits import EventStream
 from agent.api.routes import RouteSpec
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
@@ -454,8 +455,7 @@ async def _serve_many(request: web.Request, req: CompletionRequest,
         try:
             async for chunk in stream:
                 if resp is None and req.stream:  # the first chunk is here: errors had their
-                    resp = web.StreamResponse(headers={  # status; now the stream starts
-                        "Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+                    resp = EventStream(request)  # status; now the stream starts
                     await resp.prepare(request)
                 usage.update(chunk)
                 i = chunk.index
@@ -627,8 +627,7 @@ async def _tool_reply(reply: _Reply) -> web.StreamResponse:
         return web.json_response({**head, "object": "chat.completion", "choices": [
             {"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
             "usage": usage.as_dict()})
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
+    resp = EventStream(request)
     await resp.prepare(request)
 
     async def send(delta: dict[str, Any], why: str | None = None,
@@ -657,12 +656,7 @@ async def _stream(reply: _Reply) -> web.StreamResponse:
     request, req, stream, first, rid, created, chat = (
         reply.request, reply.req, reply.stream, reply.first, reply.rid, reply.created, reply.chat
     )
-    resp = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-        }
-    )
+    resp = EventStream(request)  # its writes wait at most server.write_timeout_seconds
     await resp.prepare(request)
     usage = _Usage()
     obj = "chat.completion.chunk" if chat else "text_completion"

@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from agent.api.access import END_USER, MODEL, USAGE
 from agent.api.errors import APIError
+from agent.api.limits import EventStream
 from agent.api.openai import (
     ContentPart,
     KeepAlive,
@@ -183,8 +184,7 @@ def _usage_for_audit(done: dict[str, Any]) -> dict[str, int]:
 async def _stream(request: web.Request, stream: Any, first: Chunk, shell: dict[str, Any],
                   mid: str) -> web.StreamResponse:
     """The typed events, in the order OpenAI sends them."""
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
-                                       "Cache-Control": "no-cache"})
+    resp = EventStream(request)
     await resp.prepare(request)
     seq = 0
 

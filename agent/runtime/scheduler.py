@@ -8,6 +8,11 @@ compute thread (`agent.runtime.batching`), more wait in its engine's FIFO. Any o
 backend runs one call at a time in its resident thread, the rest waiting in a FIFO lane.
 Beyond running + `queue_size` requests, a model answers 429. `Residency` decides what is
 loaded; this module decides who runs.
+
+A request holds its place (admission, the lane) until its generation ends, not until its
+caller has read the last chunk: the chunks are produced by then, and a client that stops
+reading used to keep a model's slot for as long as its socket stayed open ([hardening]
+finding 3; the API bounds that wait with `server.write_timeout_seconds`).
 """
 
 from __future__ import annotations
@@ -49,9 +54,25 @@ T = TypeVar("T")
 class _Call:
     """One admitted request on a model: its resident, its running thread, its stop flag."""
 
+    alias: str
     resident: Resident | None = None
     worker: asyncio.Future[Any] | None = None
     cancel: threading.Event | None = None
+    ended: bool = False  # its admission and lane use are given back
+
+
+class _Chunks(asyncio.Queue[Any]):
+    """A generation's chunks on their way to its caller; `ended` runs as the end-of-stream
+    marker arrives, whether or not the caller has read what came before it."""
+
+    def __init__(self, ended: Callable[[], None]) -> None:
+        super().__init__()
+        self._ended = ended
+
+    def put_nowait(self, item: Any) -> None:
+        super().put_nowait(item)
+        if item is _DONE:
+            self._ended()
 
 
 class Scheduler:
@@ -183,7 +204,9 @@ class Scheduler:
         async with self._call(alias, request.keep_alive) as call:
             call.cancel = cancel = threading.Event()
             loop = asyncio.get_running_loop()
-            queue: asyncio.Queue[Any] = asyncio.Queue()
+            # The generation's end gives its place back, even while its caller is still
+            # writing (or failing to write) the chunks to a client.
+            queue = _Chunks(functools.partial(self._end, call))
             r = call.resident
             assert r is not None
             batching = getattr(r.backend, "start", None)
@@ -251,7 +274,7 @@ class Scheduler:
         res = self.residency
         res.check_open()
         self._admit(alias, limit=True)
-        call = _Call()
+        call = _Call(alias)
         try:
             call.resident = r = await res.ensure(alias, keep_alive)
             r.lane.users += 1
@@ -274,17 +297,26 @@ class Scheduler:
                     interrupted = True
                 except Exception:  # noqa: S110 - the caller already has the worker's error
                     pass
+            self._end(call)
             used = call.resident
-            if used is not None:
-                used.lane.users -= 1
-                used.last_used = res.clock()
-            self._release(alias)
-            res.notify()
             if interrupted:
                 raise asyncio.CancelledError
             if used is not None and used.keep_alive == 0 and not res.closing:
                 # keep_alive 0: unloaded before the caller's loop ends (Ollama's semantics).
                 await res.unload_if_idle(used)
+
+    def _end(self, call: _Call) -> None:
+        """Give back `call`'s admission and its use of the lane (once): when its generation
+        ends, or when its caller leaves, whichever comes first."""
+        if call.ended:
+            return
+        call.ended = True
+        used = call.resident
+        if used is not None:
+            used.lane.users -= 1
+            used.last_used = self.residency.clock()
+        self._release(call.alias)
+        self.residency.notify()
 
     async def _start(self, call: _Call, fn: Callable[..., Any], *args: Any) -> asyncio.Future[Any]:
         """Take the lane (FIFO) and start `fn(*args)` in the model's thread; the lane is
