@@ -12,7 +12,7 @@ from typing import Any
 
 from aiohttp import web
 
-from agent.api import agent_api, embeddings, health, openai, responses
+from agent.api import agent_api, bodies, embeddings, health, openai, responses
 from agent.api.access import install_access
 from agent.api.errors import APIError, error_middleware, error_response
 from agent.api.limits import limits_middleware
@@ -141,7 +141,8 @@ def create_app(settings: Settings) -> web.Application:
         client_max_size=settings.server.max_body_bytes,
         # limits outside errors: error responses are sent within the write deadline too
         middlewares=[metrics_middleware, limits_middleware(settings.server, metrics),
-                     error_middleware, stopping_middleware],
+                     error_middleware, stopping_middleware,
+                     bodies.read_within(settings.server.body_timeout_seconds)],
     )
     app[STATE] = state
     add_routes(app, health.ROUTES + openai.ROUTES + responses.ROUTES + embeddings.ROUTES

@@ -95,6 +95,13 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
         handler_cancellation=True,
         shutdown_timeout=grace,
         access_log=log.getChild("http"),
+        # aiohttp closes a connection that has not sent a whole request head this long
+        # after it opened or its previous response ended: slow senders, idle keep-alives.
+        keepalive_timeout=settings.server.header_timeout_seconds,
+        # After an answer sent before the body was read (401, 413, 429), aiohttp reads and
+        # drops the rest of the body for this long, so the client can read the answer; a
+        # client trickling it keeps its connection no longer than a body may take.
+        lingering_time=min(10.0, settings.server.body_timeout_seconds),
     )
     await runner.setup()
     for sock in socks:

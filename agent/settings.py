@@ -50,6 +50,19 @@ class ServerSettings(_Section):
     shutdown_grace_seconds: float = Field(
         default=10.0, ge=0, description="How long in-flight requests may finish on SIGTERM."
     )
+    header_timeout_seconds: float = Field(
+        default=20.0,
+        gt=0,
+        description="How long a connection may take to send a request's line and headers, "
+        "counted from when it opened or its previous response ended; it is closed after "
+        "that (a client trickling bytes, or an idle keep-alive connection).",
+    )
+    body_timeout_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a request's body may take to arrive once its headers have; "
+        "408 and the connection closed after that.",
+    )
     write_timeout_seconds: float = Field(
         default=30.0,
         gt=0,
