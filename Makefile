@@ -21,7 +21,11 @@ setup: $(STAMP)
 $(STAMP): requirements.lock requirements-build.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --require-virtualenv -r requirements-build.txt
-	$(PY) -m pip install --quiet --no-deps --require-virtualenv -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-compile --require-virtualenv -r requirements.lock
+	@# Byte code for every module, compiled on all cores (pip compiles one package at a time:
+	@# 75 s → 66 s here). Processes that cannot write the venv (sandboxed units, dropped
+	@# users) would otherwise compile each module on every start.
+	$(PY) -m compileall -q -j 0 $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') > /dev/null
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation --require-virtualenv -e .
 	@touch $(STAMP)
 

@@ -24,8 +24,10 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -104,6 +106,7 @@ class Target:
     vars_file: Path
     inventory: Path
     first: subprocess.CompletedProcess[str]
+    bare: dict[str, Any] = field(default_factory=dict)
 
     @property
     def prefix(self) -> Path:
@@ -197,7 +200,12 @@ def target() -> Iterator[Target]:
             "ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3"}}}}))
         t = Target(base, user, clients, controller_home, vars_file, inventory,
                    subprocess.CompletedProcess([], 0))
-        t.first = t.play()
+        # The bare-target check-mode play touches nothing of this target: it runs while the
+        # converge does (two plays, two cores), and its test reads what it found.
+        with ThreadPoolExecutor(1) as pool:
+            bare = pool.submit(_bare_check_mode, t)
+            t.first = t.play()
+            t.bare = bare.result()
         yield t
     finally:
         subprocess.run(["userdel", user], capture_output=True, check=False)
@@ -294,36 +302,53 @@ def test_the_venv_runs_the_agent_and_the_config_validates(target: Target) -> Non
     assert '"enrolled"' in info.stdout and "testfleet" in info.stdout
 
 
-def test_check_mode_reports_a_change_without_making_it(target: Target) -> None:
+@dataclass
+class SidePlays:
+    """Two plays on the converged target that must leave it as it was, run at once (neither
+    writes: one is check mode, the other fails validating its config): their output, and
+    the config's bytes and mtime before and after both."""
+
+    check: subprocess.CompletedProcess[str]
+    rejected: subprocess.CompletedProcess[str]
+    before: tuple[bytes, int]
+    after: tuple[bytes, int]
+
+
+@pytest.fixture(scope="module")
+def side_plays(target: Target) -> SidePlays:
     assert target.first.returncode == 0
     config = target.config / "agent.toml"
     before = config.read_bytes(), config.stat().st_mtime_ns
-    out = target.play("--check", "--diff", "-e",
-                      '{"edge_agent_settings": {"logging": {"level": "debug"}}}')
+    with ThreadPoolExecutor(2) as pool:
+        check = pool.submit(target.play, "--check", "--diff", "-e",
+                            '{"edge_agent_settings": {"logging": {"level": "debug"}}}')
+        rejected = pool.submit(target.play, "-e",
+                               '{"edge_agent_settings": {"runtime": {"threads": 0}}}')
+        plays = check.result(), rejected.result()
+    return SidePlays(*plays, before, (config.read_bytes(), config.stat().st_mtime_ns))
+
+
+def test_check_mode_reports_a_change_without_making_it(side_plays: SidePlays) -> None:
+    out = side_plays.check
     assert out.returncode == 0, out.stdout[-5000:]
     assert recap(out.stdout)["changed"] >= 1
     assert '+level = "debug"' in out.stdout
-    assert (config.read_bytes(), config.stat().st_mtime_ns) == before
+    assert side_plays.after == side_plays.before
 
 
 def test_a_setting_the_agent_rejects_fails_the_play_and_keeps_the_config(
-    target: Target,
+    side_plays: SidePlays,
 ) -> None:
-    assert target.first.returncode == 0
-    config = target.config / "agent.toml"
-    before = config.read_bytes()
-    out = target.play("-e", '{"edge_agent_settings": {"runtime": {"threads": 0}}}')
+    out = side_plays.rejected
     assert out.returncode != 0
     assert recap(out.stdout)["failed"] == 1
     assert "runtime.threads" in out.stdout
-    assert config.read_bytes() == before
+    assert side_plays.after[0] == side_plays.before[0]
 
 
-def test_check_mode_on_a_bare_target_reports_everything_and_creates_nothing(
-    target: Target,
-) -> None:
-    """Check mode before anything is installed: the play completes, reports the changes a
-    real run would make, and leaves no account, directory or file behind."""
+def _bare_check_mode(target: Target) -> dict[str, Any]:
+    """Check mode before anything is installed, on a second, empty root: what the play
+    printed, and what that root and the account database hold afterwards."""
     bare = target.base / "bare"
     for d in ("opt", "etc", "var/lib", "run"):
         (bare / d).mkdir(parents=True)
@@ -334,12 +359,22 @@ def test_check_mode_on_a_bare_target_reports_everything_and_creates_nothing(
     out = _run([str(BIN / "ansible-playbook"), "-i", str(target.inventory), "-e",
                 f"@{vars_file}", "-e", "edge_agent_hosts=all", "--check",
                 "playbooks/provision.yml"])
+    left = sorted(p.relative_to(bare).as_posix() for p in bare.rglob("*"))
+    account = subprocess.run(["getent", "passwd", f"ea-test-{tag}"], capture_output=True,
+                             check=False)
+    return {"out": out, "left": left, "account_rc": account.returncode}
+
+
+def test_check_mode_on_a_bare_target_reports_everything_and_creates_nothing(
+    target: Target,
+) -> None:
+    """Check mode before anything is installed: the play completes, reports the changes a
+    real run would make, and leaves no account, directory or file behind (run beside the
+    converge, in the fixture)."""
+    out = target.bare["out"]
     assert out.returncode == 0, out.stdout[-5000:]
     counts = recap(out.stdout)
     assert counts["failed"] == 0 and counts["changed"] >= 10
     assert "would enroll localhost" in out.stdout
-    assert sorted(p.relative_to(bare).as_posix() for p in bare.rglob("*")) == \
-        ["etc", "opt", "run", "var", "var/lib"]
-    missing = subprocess.run(["getent", "passwd", f"ea-test-{tag}"], capture_output=True,
-                             check=False)
-    assert missing.returncode == 2
+    assert target.bare["left"] == ["etc", "opt", "run", "var", "var/lib"]
+    assert target.bare["account_rc"] == 2

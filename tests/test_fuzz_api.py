@@ -5,7 +5,7 @@ Checks per request: no 5xx, a documented status, content type and body schema, a
 within TIMEOUT (no hang); after each identity's run the daemon is alive and ready.
 Generation runs the real model: token counts are capped so a case costs milliseconds.
 
-EDGE_TEST_FUZZ_EXAMPLES (default 4) is the examples per operation, per generation mode
+EDGE_TEST_FUZZ_EXAMPLES (default 3) is the examples per operation, per generation mode
 (valid and invalid), per identity (a quarter of that for the routes without /v1, the same
 handlers as their /v1 twins); EDGE_TEST_FUZZ_SEED picks another seed (default 0).
 A long run: EDGE_TEST_FUZZ_EXAMPLES=500 EDGE_TEST_FUZZ_SEED=$RANDOM pytest tests/test_fuzz_api.py
@@ -40,7 +40,7 @@ from agent.security.tokens import TokenStore
 from localdb import open_database
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "openapi.json"
-EXAMPLES = int(os.environ.get("EDGE_TEST_FUZZ_EXAMPLES", "4"))
+EXAMPLES = int(os.environ.get("EDGE_TEST_FUZZ_EXAMPLES", "3"))
 SEED = int(os.environ.get("EDGE_TEST_FUZZ_SEED", "0"))
 TIMEOUT = 30.0  # per request: a generation of a few tokens takes well under a second
 SMOL = "smollm2-135m"

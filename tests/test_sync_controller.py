@@ -37,7 +37,7 @@ def _snapshot(i: int) -> dict[str, object]:
 
 
 # CI size; EDGE_TEST_SCALE_MESSAGES=20000 is the long form (about a minute more here).
-SCALE = int(os.environ.get("EDGE_TEST_SCALE_MESSAGES", "6000"))
+SCALE = int(os.environ.get("EDGE_TEST_SCALE_MESSAGES", "4000"))
 
 
 def test_two_workers_on_a_shared_subscription_store_every_message_once(
