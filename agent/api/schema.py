@@ -21,6 +21,7 @@ from agent.api.openai import ChatCompletionRequest, CompletionRequest, KeepAlive
 from agent.api.responses import ResponsesRequest
 from agent.api.routes import PUBLIC, RouteSpec
 from agent.runtime.types import LoadedModel
+from fleet.auditchain import Record
 from registry.profile import HardwareProfile
 from registry.selection_index import Selection
 from registry.service import ModelInfo
@@ -94,18 +95,8 @@ class LoadedList(BaseModel):
     models: list[LoadedModel]
 
 
-class AuditEntry(BaseModel):
-    seq: int
-    time: str
-    subject: str
-    uid: int | None
-    pid: int | None
-    action: str
-    resource: str
-    decision: str
-    outcome: str
-    details: dict[str, Any]
-    digest: str
+AuditEntry = Record
+"""One audit record as the API returns it: the chain's own record type (fleet.auditchain)."""
 
 
 class AuditTail(BaseModel):
