@@ -657,7 +657,7 @@ def test_a_disk_that_fills_during_a_download_fails_the_model_and_the_device_keep
                        for r in audited(dev.home))
             with dev.d.client() as c:
                 assert c.get("/v1/models").status_code == 200
-            filler.unlink()
+            filler.unlink(missing_ok=True)
         finally:
             dev.d.stop()
 
