@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from fleet.files import fsync_dir
 from registry.errors import IntegrityError, NoSpace
 
 __all__ = ["Blob", "BlobStore", "Progress", "check_sha256", "hash_file"]
@@ -145,7 +146,7 @@ class BlobStore:
             path.unlink()
         except FileNotFoundError:
             return False
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         return True
 
     def gc(self, referenced: set[str]) -> list[str]:
@@ -235,9 +236,9 @@ class BlobStore:
         dest = self.path(sha)
         if not dest.parent.is_dir():
             _makedirs(dest.parent)
-            _fsync_dir(dest.parent.parent)
+            fsync_dir(dest.parent.parent)
         file.replace(dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return Blob(sha, size, dest)
 
 
@@ -269,14 +270,6 @@ def _makedirs(path: Path) -> None:
             raise
         return
     path.chmod(DIR_MODE)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _same_file(a: Path, b: Path) -> bool:
