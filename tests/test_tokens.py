@@ -251,3 +251,42 @@ def test_cli_create_list_revoke(tmp_path: Path) -> None:
     assert code == 1 and "no token named 'nobody'" in err
     s.close()
     d.close()
+
+
+def test_cli_a_revoked_name_is_free_again_in_a_database_from_before(tmp_path: Path) -> None:
+    # Issue 15: `tokens create --name X` after `tokens revoke X` was refused ("a token named
+    # 'X' exists") for ever. The home is one the 0002 release wrote (its table had a UNIQUE
+    # name): migration 0006 must free revoked names there too, keeping the revoked rows.
+    import shutil
+
+    from agent.cli import main
+
+    home = tmp_path / "home"
+    shutil.copytree(Path(__file__).parent / "fixtures" / "db" / "home-0002", home)
+    runner = CliRunner()
+    env = {"EDGE_AGENT_HOME": str(home), "EDGE_AGENT_CONFIG": ""}
+
+    def cli(*args: str) -> tuple[int, str, str]:
+        res = runner.invoke(main, ["tokens", *args], env=env)
+        return res.exit_code, res.stdout, res.stderr
+
+    code, _, err = cli("create", "--role", "app", "--name", "legacy-app")
+    assert code == 1 and "a token named 'legacy-app' exists (active); revoke it" in err
+    assert cli("revoke", "legacy-app")[0] == 0
+    code, out, err = cli("create", "--role", "viewer", "--name", "legacy-app")
+    assert code == 0, err
+    token = out.strip()
+    code, out, _ = cli("list", "--json")
+    rows = [(r["name"], r["role"], r["status"]) for r in json.loads(out)]
+    assert rows == [("legacy-app", "app", "revoked"), ("legacy-app", "viewer", "active")]
+    # Revoking by name takes the active one; again, it changes nothing.
+    assert cli("revoke", "legacy-app")[0] == 0
+    assert cli("revoke", "legacy-app")[0] == 0
+    d = open_database(home / "registry.db")
+    try:
+        with pytest.raises(RevokedToken):
+            TokenStore(d).verify(token)
+        assert [t.status(datetime.now(UTC)) for t in TokenStore(d).list_tokens()] == \
+            ["revoked", "revoked"]
+    finally:
+        d.close()

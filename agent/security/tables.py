@@ -1,7 +1,7 @@
 """The security tables: the hash-chained audit records, their signed checkpoints, API tokens.
 
 Declared on `localdb.Base` with the code that owns them; created by the migrations in
-`localdb/migrations/` (0002).
+`localdb/migrations/` (0002; 0006 for the token name index).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import DateTime, Integer, String
+from sqlalchemy import DateTime, Index, Integer, String, text
 from sqlalchemy.orm import Mapped, mapped_column
 
 from localdb import Base, utcnow
@@ -47,13 +47,21 @@ class AuditCheckpoint(Base):
 
 
 class ApiToken(Base):
-    """A bearer token for callers whose uid says little; only a slow hash is stored."""
+    """A bearer token for callers whose uid says little; only a slow hash is stored.
+
+    A name is unique among tokens that are not revoked (migration 0006): revoking frees
+    the name for a new token, and the revoked row stays for `tokens list` and the audit.
+    """
 
     __tablename__ = "api_tokens"
+    __table_args__ = (
+        Index("ux_api_tokens_active_name", "name", unique=True,
+              sqlite_where=text("revoked_at IS NULL")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     token_id: Mapped[str] = mapped_column(String(32), unique=True)  # public part, for lookup
-    name: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(64))
     role: Mapped[str] = mapped_column(String(64))
     secret_hash: Mapped[str] = mapped_column(String(256))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -183,9 +183,14 @@ class TokenStore:
         )
         try:
             with self.db.write() as s:
-                if s.scalar(select(ApiToken.id).where(ApiToken.name == name)) is not None:
-                    raise TokenExists(f"a token named {name!r} exists; revoke it or pick "
-                                      "another name")
+                # Only a token that is not revoked holds its name: revoking frees it (the
+                # revoked row stays, for `tokens list` and the audit log's references).
+                held = s.scalar(select(ApiToken).where(ApiToken.name == name,
+                                                       ApiToken.revoked_at.is_(None)))
+                if held is not None:
+                    raise TokenExists(
+                        f"a token named {name!r} exists ({_info(held).status(now)}); revoke "
+                        "it to re-use the name, or pick another name")
                 s.add(row)
                 s.flush()
                 info = _info(row)
@@ -199,9 +204,14 @@ class TokenStore:
             return [_info(r) for r in rows]
 
     def revoke(self, name: str) -> TokenInfo:
-        """Revoke by name; idempotent (an already revoked token keeps its revocation time)."""
+        """Revoke by name; idempotent (an already revoked token keeps its revocation time).
+
+        A name may have revoked predecessors (a revoke frees it); the token revoked is the
+        one not yet revoked, else the newest, so repeating a revoke changes nothing."""
         with self.db.write() as s:
-            row = s.scalar(select(ApiToken).where(ApiToken.name == name))
+            row = s.scalar(select(ApiToken).where(ApiToken.name == name)
+                           .order_by(ApiToken.revoked_at.is_not(None), ApiToken.id.desc())
+                           .limit(1))
             if row is None:
                 raise TokenNotFound(f"no token named {name!r} (see `edge-agent tokens list`)")
             if row.revoked_at is None:
