@@ -21,6 +21,7 @@ import pytest
 from daemon import Daemon, prepare_home
 from test_identity import http_request, run_as
 
+from agent.api.schema import WhoAmI
 from agent.security.tokens import TokenStore
 from localdb import open_database
 
@@ -195,6 +196,39 @@ def test_token_replaces_the_uid_and_revocation_is_immediate(
         status, body = agent.as_user(nobody, "GET", "/agent/v1/device",
                                      headers={"Authorization": f"Bearer {old}"})
         assert status == 401 and body["error"]["code"] == "token_expired"
+    finally:
+        store.close()
+        db.close()
+
+
+def test_whoami_reports_the_identity_the_policy_uses(
+    agent: Agent, users: dict[str, User]
+) -> None:
+    # Issue 15: with a valid bearer token whoami reported the uid, not the token subject
+    # the policy actually authorizes.
+    m, nobody = users["member"], users["nobody"]
+    status, body = agent.as_user(m, "GET", "/agent/v1/whoami")
+    assert status == 200, body
+    assert body["authentication"] == "peer_credentials" and body["uid"] == m.uid
+    assert body["subject"] == f"uid:{m.uid}({m.name})" and body["roles"] == ["app"]
+    assert body["bindings"] == [{"binding": f"group:{users['group'].name}", "role": "app",
+                                 "models": [SMOL]}]
+    db = open_database(agent.home / "registry.db")
+    store = TokenStore(db)
+    try:
+        token, _ = store.create("e2e-whoami", "viewer")
+        auth = {"Authorization": f"Bearer {token}"}
+        status, body = agent.as_user(m, "GET", "/agent/v1/whoami", headers=auth)
+        assert status == 200, body
+        assert body["authentication"] == "token" and body["subject"] == "token:e2e-whoami"
+        assert body["token"] == "e2e-whoami" and body["roles"] == ["viewer"]
+        assert body["bindings"] == [{"binding": "token:e2e-whoami", "role": "viewer",
+                                     "models": None}]
+        assert "groups" not in body and body["uid"] == m.uid  # the peer, for the audit only
+        WhoAmI.model_validate(body)  # as docs/openapi.json documents it
+        store.revoke("e2e-whoami")
+        status, body = agent.as_user(nobody, "GET", "/agent/v1/whoami", headers=auth)
+        assert status == 401 and body["error"]["code"] == "token_revoked"
     finally:
         store.close()
         db.close()

@@ -186,7 +186,10 @@ def access_middleware(security: Security) -> Middleware:
                            code="forbidden")
         if spec.permission == PUBLIC:
             cred = peer_credentials(request)
-            if cred is not None:
+            if spec.identifies and (cred is not None or "Authorization" in request.headers):
+                # The identity every other route would see (a token replaces the uid).
+                request[SUBJECT] = await authenticate(request, spec)
+            elif cred is not None:
                 request[SUBJECT] = ids.subject(cred)
             return await handler(request)
         subject = await authenticate(request, spec)

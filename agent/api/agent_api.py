@@ -6,25 +6,41 @@ import asyncio
 
 from aiohttp import web
 
-from agent.api.access import SUBJECT
+from agent.api.access import SECURITY, SUBJECT
 from agent.api.errors import APIError
 from agent.api.openai import parse_keep_alive, read_json
 from agent.api.routes import PUBLIC, RouteSpec
+from agent.security.authz import held_bindings
 from agent.server import peer_credentials
 from agent.state import STATE
 
 
 async def whoami(request: web.Request) -> web.Response:
-    """The caller's kernel-verified credentials, as the agent sees them."""
+    """Who the policy sees: the subject every other route would authorize, its roles and
+    how it was established, plus the connection's kernel credentials.
+
+    A bearer token replaces the uid identity (access.py verifies it for this route too),
+    so a token caller is told `token:NAME` and the token's role, not its uid's bindings."""
     cred = peer_credentials(request)
-    if cred is None:
-        return web.json_response({"transport": "tcp"})
-    body: dict[str, object] = {"transport": "unix", "pid": cred.pid, "uid": cred.uid,
-                               "gid": cred.gid}
     subject = request.get(SUBJECT)
-    if subject is not None:
-        body["subject"] = subject.display
+    body: dict[str, object] = {"transport": "tcp" if cred is None else "unix"}
+    if subject is None:  # TCP without a token: nobody the policy knows
+        body.update(authentication="none", roles=[], bindings=[])
+        return web.json_response(body)
+    held = held_bindings(request.app[SECURITY].policy.policy, subject)
+    body["subject"] = subject.display
+    body["authentication"] = "token" if subject.kind == "token" else "peer_credentials"
+    if subject.kind == "token":
+        body["token"] = subject.token
+        body["token_role"] = subject.role
+    else:
         body["groups"] = sorted(subject.groups)
+    body["roles"] = sorted({h.role for h in held})
+    body["bindings"] = [{"binding": h.binding, "role": h.role,
+                         "models": sorted(h.models) if h.models is not None else None}
+                        for h in held]
+    if cred is not None:  # the kernel's view of the connection (audited with a token too)
+        body.update(pid=cred.pid, uid=cred.uid, gid=cred.gid)
     return web.json_response(body)
 
 
@@ -110,7 +126,7 @@ async def jobs(request: web.Request) -> web.Response:
 
 
 ROUTES = [
-    RouteSpec("GET", "/agent/v1/whoami", whoami, PUBLIC),
+    RouteSpec("GET", "/agent/v1/whoami", whoami, PUBLIC, identifies=True),
     RouteSpec("GET", "/agent/v1/device", device, "device:read"),
     RouteSpec("GET", "/agent/v1/models", models, "models:read"),
     RouteSpec("GET", "/agent/v1/models/{alias}", model, "models:read", model_scoped=True),

@@ -22,6 +22,9 @@ class RouteSpec:
     handler: Handler
     permission: str
     model_scoped: bool = False  # the permission is checked against the requested model too
+    # PUBLIC, yet a bearer token sent is verified (401/429 like anywhere) and becomes the
+    # subject: whoami must report the identity the policy would use, not the uid.
+    identifies: bool = False
 
 
 ROUTE_TABLE = web.AppKey("route_table", dict[str, RouteSpec])

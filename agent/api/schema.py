@@ -58,13 +58,32 @@ class Readiness(BaseModel):
     reason: str | None = None
 
 
+class HeldBinding(BaseModel):
+    binding: str = Field(description="The binding: uid:0, group:NAME, token:NAME, ….")
+    role: str
+    models: list[str] | None = Field(description="Its model scope; null: every model.")
+
+
 class WhoAmI(BaseModel):
+    """The identity the policy uses for this caller (a token replaces the uid)."""
+
     transport: Literal["unix", "tcp"]
-    pid: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-    subject: str | None = None
-    groups: list[str] | None = None
+    authentication: Literal["peer_credentials", "token", "none"] = Field(
+        description="How the subject was established: the socket's kernel credentials, "
+                    "an API token, or nothing (TCP without a token).")
+    subject: str | None = Field(default=None,
+                                description="What bindings match: uid:N(user) or token:NAME.")
+    roles: list[str] = Field(description="The roles the policy grants this subject.")
+    bindings: list[HeldBinding] = Field(description="The bindings that grant them, in order.")
+    token: str | None = Field(default=None, description="The token's name (token callers).")
+    token_role: str | None = Field(default=None,
+                                   description="The role the token was created with.")
+    groups: list[str] | None = Field(default=None,
+                                     description="The uid's groups (uid callers only).")
+    pid: int | None = Field(default=None, description="The peer's pid (Unix socket).")
+    uid: int | None = Field(default=None, description="The peer's uid (Unix socket); with a "
+                            "token it is audited but not what the policy matches.")
+    gid: int | None = Field(default=None, description="The peer's gid (Unix socket).")
 
 
 class ModelList(BaseModel):
@@ -314,8 +333,9 @@ OPERATIONS: dict[str, Operation] = {
     "GET /healthz": Operation("Alive: the event loop answers.", Health),
     "GET /readyz": Operation("Ready to take work.", Readiness, errors=(503,)),
     "GET /metrics": Operation("Prometheus metrics.", "text"),
-    "GET /agent/v1/whoami": Operation("The caller's credentials as the agent sees them.",
-                                      WhoAmI),
+    "GET /agent/v1/whoami": Operation(
+        "Who the policy sees: subject, roles, how authenticated (a token sent is verified).",
+        WhoAmI, errors=(401, 429, 503)),
     "GET /agent/v1/device": Operation("This device's hardware profile.", HardwareProfile),
     "GET /agent/v1/models": Operation("Installed models and their variants.", ModelList),
     "GET /agent/v1/models/{alias}": Operation("One model, with its selection here.",

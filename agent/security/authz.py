@@ -300,6 +300,24 @@ def _candidates(idx: _Index, subject: Subject) -> list[_Grant]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class Held:
+    """A binding of the policy that applies to a subject: what `whoami` reports."""
+
+    binding: str  # its label, e.g. "group:edge-agent-clients"; "token:NAME" for a token's role
+    role: str
+    models: frozenset[str] | None  # the binding's model scope; None: every model
+
+
+def held_bindings(policy: RbacPolicy, subject: Subject) -> list[Held]:
+    """The bindings `authorize` weighs for `subject`, in the order it tries them.
+
+    Built from the same candidates as `authorize`, so what a caller is told it holds is
+    what the policy grants it: for a token its own role (if the policy defines it) and
+    any `token:` binding, never the uid's."""
+    return [Held(g.label, g.role, g.models) for g in _candidates(policy._index, subject)]
+
+
 def authorize(
     policy: RbacPolicy, subject: Subject, permission: str, model: str | None = None
 ) -> Decision:
