@@ -180,9 +180,11 @@ def _load(tmp_path: Path, text: str) -> RbacPolicy:
 
 
 @pytest.mark.parametrize(("text", "line", "needle"), [
-    ("bindings:\n  - uid: 0\n    role: admin\n    colour: red\n", 4, "bindings.0.colour: Extra"),
+    ("bindings:\n  - uid: 0\n    role: admin\n    colour: red\n", 4,
+     "bindings.0.colour: unknown key 'colour'; allowed here: description, group, models, "),
     ("bindings:\n  - uid: 0\n    role: admin\n  - group: x\n    role: ap\n", 5,
-     "bindings.1.role: unknown role 'ap'; defined: admin, app, operator, viewer"),
+     "bindings.1.role: 'ap' is not one of the default roles (no roles section): admin, app, "
+     "operator, viewer; did you mean 'app'?"),
     ("bindings:\n  - uid: 0\n    role: admin\n  - uid: 1\n    user: bob\n    role: app\n", 4,
      "exactly one of uid, user, group, token (got uid, user)"),
     ("roles:\n  r:\n    permissions:\n      - models:read\n      - models:fly\n", 5,
@@ -218,7 +220,7 @@ def test_packaged_policy_roles_match_builtin_defaults(default: RbacPolicy) -> No
 
 
 def test_policy_built_in_code_is_validated_too() -> None:
-    with pytest.raises(ValueError, match="unknown role"):
+    with pytest.raises(ValueError, match="'nope' is not one of the roles defined"):
         RbacPolicy.model_validate({"bindings": [{"uid": 1, "role": "nope"}]})
 
 
@@ -545,8 +547,49 @@ def test_policy_check_cli(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("bindings:\n  - group: x\n    role: nobody\n")
     res = runner.invoke(policy_cli, ["check", str(bad)])
-    assert res.exit_code == 1
-    assert f"{bad}:3: bindings.0.role: unknown role 'nobody'" in res.output
+    assert res.exit_code == 2
+    assert f"{bad}:3: bindings.0.role: 'nobody' is not one of the default roles" in res.output
+
+
+def test_policy_check_reports_every_problem_one_line_each(tmp_path: Path) -> None:
+    # Issue 15: a misspelt permission printed two pydantic union dumps without the bad
+    # value, and the undefined role in the same file was not reported at all.
+    bad = tmp_path / "rbac.yaml"
+    bad.write_text(
+        "roles:\n"
+        "  app:\n"
+        "    permissions: [inference:invoke, models:raed]\n"
+        "bindings:\n"
+        "  - group: clients\n"
+        "    role: opertor\n"
+        "  - uid: selff\n"
+        "    role: app\n"
+        "    colour: red\n"
+        "  - user: bob\n"
+        "    role: app\n"
+        "    role: app\n"
+    )
+    res = CliRunner().invoke(policy_cli, ["check", str(bad)])
+    assert res.exit_code == 2
+    lines = res.stderr.splitlines()
+    assert lines == [
+        f"{bad}:3: roles.app.permissions.1: 'models:raed' is not one of the permissions and "
+        f"wildcards: {', '.join(PERMISSIONS)}, *, inference:*, models:*, device:*, audit:*, "
+        "metrics:*, policy:*, tokens:*; did you mean 'models:read'?",
+        f"{bad}:6: bindings.0.role: 'opertor' is not one of the roles defined: app",
+        f"{bad}:7: bindings.1.uid: 'selff' is not one of the allowed values (or a valid "
+        "integer): self; did you mean 'self'?",
+        f"{bad}:9: bindings.1.colour: unknown key 'colour'; allowed here: description, group, "
+        "models, role, token, uid, user",
+        f"{bad}:12: bindings.2.role: key given twice (first at line 11); only the last counts",
+        f"edge-agent: error: {bad}: 5 problems",
+    ], res.stderr
+    res = CliRunner().invoke(policy_cli, ["check", "--json", str(bad)])
+    report = json.loads(res.stdout)
+    assert res.exit_code == 2 and report["ok"] is False
+    assert [(p["line"], p["field"]) for p in report["problems"]] == [
+        (3, "roles.app.permissions.1"), (6, "bindings.0.role"), (7, "bindings.1.uid"),
+        (9, "bindings.1.colour"), (12, "bindings.2.role")]
 
 
 def test_policy_explain_cli(tmp_path: Path) -> None:

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from agent.cli.common import AgentGroup, Context, call, emit_json, json_option
+from agent.errors import PolicyError
 from agent.security.authz import (
     PERMISSIONS,
     Decision,
     RbacPolicy,
     authorize,
+    check_policy,
     configured_policy_path,
     daemon_uid,
     load_policy,
@@ -27,11 +30,32 @@ def policy() -> None:
 
 
 @policy.command("check")
-@click.argument("file", type=click.Path(path_type=Path, dir_okay=False))
-def check(file: Path) -> None:
-    """Validate a policy file; exit 1 with file:line of the first problem."""
-    p = load_policy(file)
-    click.echo(f"{file}: ok ({len(p.roles)} roles, {len(p.bindings)} bindings)")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@json_option
+def check(file: Path, as_json: bool) -> None:
+    """Validate a policy file: every problem, one `file:line: field: why` line each.
+
+    Exit 0 if the daemon would accept the file, 2 (a configuration error) if not, so a
+    deployment tool can run it before installing a file (ansible's `validate`)."""
+    try:
+        pol, problems = check_policy(file)
+        lines = [p.render(file) for p in problems]
+    except PolicyError as exc:  # unreadable, not UTF-8, invalid YAML: one located line
+        pol, problems, lines = None, [], [str(exc)]
+    if as_json:
+        emit_json({"file": str(file), "ok": not lines,
+                   "problems": [{"line": p.line, "field": p.field, "message": p.message}
+                                for p in problems] or
+                               [{"line": None, "field": None, "message": m} for m in lines]})
+    elif pol is not None and not lines:
+        click.echo(f"{file}: ok ({len(pol.roles)} roles, {len(pol.bindings)} bindings)")
+    for line in [] if as_json else lines:
+        click.echo(line, err=True)
+    if lines:
+        if not as_json:
+            click.echo(f"edge-agent: error: {file}: {len(lines)} "
+                       f"problem{'s' if len(lines) != 1 else ''}", err=True)
+        sys.exit(2)
 
 
 @policy.command("explain")

@@ -11,10 +11,12 @@ Errors: an invalid file raises `agent.errors.PolicyError` naming the file and li
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections.abc import Sequence
@@ -45,15 +47,19 @@ __all__ = [
     "RBAC_SCHEMA_PATH",
     "Binding",
     "Decision",
+    "Held",
     "PolicyError",
+    "PolicyProblem",
     "PolicyStore",
     "RbacPolicy",
     "Role",
     "authorize",
+    "check_policy",
     "configured_policy_path",
     "daemon_uid",
     "enforced_policy",
     "expand_grants",
+    "held_bindings",
     "load_policy",
     "rbac_schema_json",
 ]
@@ -209,12 +215,26 @@ class RbacPolicy(BaseModel):
 
 def reference_issues(policy: RbacPolicy) -> list[tuple[tuple[int | str, ...], str]]:
     """Bindings naming undefined roles, as (location, message)."""
+    defined = sorted(policy.roles)
     return [
-        (("bindings", i, "role"),
-         f"unknown role {b.role!r}; defined: {', '.join(sorted(policy.roles))}")
+        (("bindings", i, "role"), _not_one_of(b.role, defined, "the roles defined"))
         for i, b in enumerate(policy.bindings)
         if b.role not in policy.roles
     ]
+
+
+def _not_one_of(value: object, allowed: Sequence[str], what: str = "") -> str:
+    """'VALUE' is not one of [what: ]a, b, c; did you mean 'b'? (the one-line answer to a
+    typo: the bad value, what would do, and the nearest when one is close)."""
+    listed = f"{what}: " if what else ""
+    msg = f"{_show(value)} is not one of {listed}{', '.join(allowed)}"
+    near = difflib.get_close_matches(str(value), list(allowed), n=1, cutoff=0.6)
+    return msg + (f"; did you mean {near[0]!r}?" if near else "")
+
+
+def _show(value: object) -> str:
+    return repr(value) if isinstance(value, str | int | float | bool | None) else \
+        type(value).__name__
 
 
 # ---------------------------------------------------------------------------- lookups
@@ -366,22 +386,185 @@ def _dotted(loc: Sequence[int | str]) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
 
+@dataclass(frozen=True, slots=True)
+class PolicyProblem:
+    """One thing wrong in a policy file, located for the person fixing it."""
+
+    line: int
+    field: str  # dotted path, e.g. roles.app.permissions.1
+    message: str
+
+    def render(self, path: Path) -> str:
+        """'<file>:<line>: <field>: <message>', the form editors and CI jump to."""
+        return f"{path}:{self.line}: {self.field}: {self.message}"
+
+
+_Loc = tuple[int | str, ...]
+# Words pydantic puts in an error's location for the member of a union that failed (the
+# value itself is not a container, so they are never keys of the file).
+_TAG_WORDS = frozenset({"int", "str", "float", "bool", "none", "constrained-int",
+                        "constrained-str", "list", "dict"})
+_GRANTS: tuple[str, ...] = (*PERMISSIONS, *get_args(Wildcard))
+
+
+def _field_loc(data: Any, loc: Sequence[int | str]) -> _Loc:
+    """The part of a pydantic location that names something in the file: union member tags
+    ("literal['*', …]", "constrained-int") are dropped, so the errors each member of a
+    union raised about one value meet at that value."""
+    out: list[int | str] = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict):
+            if part not in node and isinstance(part, str) and ("[" in part or part in _TAG_WORDS):
+                continue
+            out.append(part)
+            node = node.get(part)
+        elif isinstance(node, list) and isinstance(part, int):
+            out.append(part)
+            node = node[part] if 0 <= part < len(node) else None
+        elif node is None and isinstance(part, str) and "[" not in part \
+                and part not in _TAG_WORDS:
+            out.append(part)  # a required key under a missing one
+        else:
+            break  # a scalar: what follows are tags of the union's members
+    return tuple(out)
+
+
+def _allowed_keys(loc: _Loc) -> list[str]:
+    """The keys the mapping at `loc` may have (for an unknown key's message)."""
+    model: type[BaseModel] | None = None
+    if len(loc) == 0:
+        model = RbacPolicy
+    elif loc[0] == "roles" and len(loc) == 2:
+        model = Role
+    elif loc[0] == "bindings" and len(loc) == 2:
+        model = Binding
+    return sorted(model.model_fields) if model is not None else []
+
+
+def _describe(errors: list[Any]) -> str:
+    """One message for every error pydantic raised about one value."""
+    first = errors[0]
+    value = first.get("input")
+    if first["type"] == "extra_forbidden":
+        key = first["loc"][-1]
+        loc = tuple(first["loc"][:-1])
+        allowed = _allowed_keys(loc)
+        msg = f"unknown key {key!r}"
+        if allowed:
+            msg += f"; allowed here: {', '.join(allowed)}"
+            near = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+            msg += f"; did you mean {near[0]!r}?" if near else ""
+        return msg
+    literal: list[str] = []
+    other: list[str] = []
+    for err in errors:
+        if err["type"] == "literal_error":
+            expected = str((err.get("ctx") or {}).get("expected", ""))
+            literal.extend(re.findall(r"'([^']*)'", expected) or [expected])
+        else:
+            msg = str(err["msg"]).removeprefix("Value error, ")
+            other.append(msg.removeprefix("Input should be ").split(",")[0]
+                         if literal or err["type"].endswith("_parsing") else msg)
+    if literal:
+        allowed = list(dict.fromkeys(literal))
+        what = "the allowed values"
+        if set(allowed) <= set(_GRANTS):  # a role's grants: offer every one
+            allowed, what = list(_GRANTS), "the permissions and wildcards"
+        if other:
+            what += f" (or {' or '.join(other)})"
+        return _not_one_of(value, allowed, what)
+    msg = "; ".join(other)
+    if first["loc"] and first["loc"][-1] == "[key]":
+        return f"the name {_show(value)}: {msg}"
+    if first["type"] == "missing":
+        return "required key missing"
+    if isinstance(value, str | int | float | bool) and _show(value) not in msg:
+        msg += f" (got {_show(value)})"
+    return msg
+
+
+def _raw_reference_issues(data: Any) -> list[tuple[_Loc, str]]:
+    """Bindings naming roles the file does not define, found in the parsed YAML itself so
+    they are reported together with any validation error (not after it is fixed)."""
+    if not isinstance(data, dict):
+        return []
+    if "roles" not in data:
+        defined, what = sorted(_default_roles()), "the default roles (no roles section)"
+    elif isinstance(data["roles"], dict):
+        defined, what = sorted(str(k) for k in data["roles"]), "the roles defined"
+    else:
+        return []  # the roles section itself is reported
+    bindings = data.get("bindings")
+    if not isinstance(bindings, list):
+        return []
+    return [
+        (("bindings", i, "role"), _not_one_of(b["role"], defined, what))
+        for i, b in enumerate(bindings)
+        if isinstance(b, dict) and isinstance(b.get("role"), str) and b["role"] not in defined
+    ]
+
+
+def _duplicate_keys(node: yaml.Node | None, loc: _Loc = ()) -> list[tuple[int, _Loc, str]]:
+    """Keys given twice in one mapping: YAML keeps the last silently, so a role or a
+    binding's field written twice would lose the first without a word."""
+    found: list[tuple[int, _Loc, str]] = []
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for k, v in node.value:
+            key = k.value if isinstance(k, yaml.ScalarNode) else str(k)
+            line = k.start_mark.line + 1
+            if key in seen:
+                found.append((line, (*loc, key),
+                              f"key given twice (first at line {seen[key]}); only the last "
+                              "counts"))
+            else:
+                seen[key] = line
+            found.extend(_duplicate_keys(v, (*loc, key)))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            found.extend(_duplicate_keys(item, (*loc, i)))
+    return found
+
+
+def check_policy(path: Path) -> tuple[RbacPolicy | None, list[PolicyProblem]]:
+    """Every problem of the policy file at `path` at once, by line, with the policy when
+    there is none.
+
+    Validation errors (one per value, however many union members refused it), bindings
+    naming undefined roles and duplicate keys are all reported in one pass, so fixing
+    one never just reveals the next. An unreadable file or invalid YAML raises
+    `PolicyError`."""
+    text, data = read_yaml(path, PolicyError)
+    issues: list[tuple[_Loc, str]] = []
+    policy: RbacPolicy | None = None
+    try:
+        policy = RbacPolicy.model_validate(data, context={"defer_references": True})
+    except ValidationError as e:
+        grouped: dict[_Loc, list[Any]] = {}
+        for err in e.errors():
+            grouped.setdefault(_field_loc(data, err["loc"]), []).append(err)
+        issues = [(loc, _describe(errs)) for loc, errs in grouped.items()]
+    seen = {loc for loc, _ in issues}
+    issues += [(loc, msg) for loc, msg in _raw_reference_issues(data) if loc not in seen]
+    root = yaml.compose(text)
+    problems = [PolicyProblem(line_of(root, loc), _dotted(loc), msg) for loc, msg in issues]
+    problems += [PolicyProblem(line, _dotted(loc), msg)
+                 for line, loc, msg in _duplicate_keys(root)]
+    problems.sort(key=lambda p: p.line)
+    return (None if problems else policy), problems
+
+
 def load_policy(path: Path, *, self_uid: int | None = None) -> RbacPolicy:
     """Read and validate the RBAC policy at `path`.
 
-    Raises `PolicyError` whose message is '<file>:<line>: <field>: <why>' per problem.
+    Raises `PolicyError` whose message is '<file>:<line>: <field>: <why>' per problem
+    (joined by '; ': the daemon and the API report it as one line; `policy check` prints
+    `check_policy`'s problems one per line).
     """
-    text, data = read_yaml(path, PolicyError)
-    try:
-        policy = RbacPolicy.model_validate(data, context={"defer_references": True})
-        issues = reference_issues(policy)
-    except ValidationError as e:
-        issues = [(tuple(err["loc"]), err["msg"]) for err in e.errors()]
-    if issues:
-        root = yaml.compose(text)
-        raise PolicyError("; ".join(
-            f"{path}:{line_of(root, loc)}: {_dotted(loc)}: {msg}" for loc, msg in issues
-        ))
+    policy, problems = check_policy(path)
+    if problems or policy is None:
+        raise PolicyError("; ".join(p.render(path) for p in problems))
     return policy if self_uid is None else policy.bind_self(self_uid)
 
 
