@@ -357,6 +357,7 @@ class _Judgment:
         dev_rank = np.array([d.rank for d in self.devices], dtype=np.int64)
         quality, bpw = index.quality, index.bpw_key
         floor = QUALITY_RANK[policy.min_quality] if policy.min_quality else -1
+        self.floor_exists = bool((quality >= floor).any())
         a: Callable[[Rows], NDArray[Any]]
         b: Callable[[Rows], NDArray[Any]]
         if policy.prefer == "balanced":  # comfortable (0, -quality) before (1, estimate)
@@ -478,6 +479,7 @@ class _Judgment:
                     chosen, ckey, cdev, sorted((variants[i].name, self.rejection(i))
                                                for i in passed),
                     policy, any_at_floor=not all(k[1] for k in keys),
+                    floor_exists=self.floor_exists, alone=len(variants) == 1,
                     measured=m.chosen_reasons(ci, mkeys[0]),
                 ),
             ))
@@ -656,21 +658,32 @@ def _chosen_reasons(
     policy: SelectionPolicy,
     *,
     any_at_floor: bool,
+    floor_exists: bool = True,
+    alone: bool = False,
     measured: tuple[str, ...] | None = None,
 ) -> tuple[str, ...]:
     """Why `v` won; `passed`: (name, reason) of the variants rejected on preferred devices;
-    `measured`: what benchmark results said, replacing the static preference."""
+    `measured`: what benchmark results said, replacing the static preference.
+    `any_at_floor`: a variant at or above min_quality fits (then on a later device);
+    `floor_exists`: some variant is at or above it at all; `alone`: `v` is the only one."""
     q = _quality_text(v)
     pct = f"{policy.balanced_fraction:.0%}"
-    floor = f" at or above {policy.min_quality}" if policy.min_quality and any_at_floor else ""
+    # "at or above" only of a winner that is: "highest quality at or above Q4_K_M (int4)" was
+    # printed for an int4 that won on device order.
+    floor = f" at or above {policy.min_quality}" if policy.min_quality and not key[1] else ""
     reasons: list[str] = []
     if measured is not None:
         reasons.extend(measured)
     elif key[1]:
-        reasons.append(
-            f"{v.quantization} is below the preferred quality ({policy.min_quality}), "
-            "but nothing at or above it fits"
-        )
+        below = f"{v.quantization} is below the preferred quality ({policy.min_quality})"
+        if alone:  # "nothing at or above it fits" read as if others had been tried
+            reasons.append(f"{below}; it is the only variant")
+        elif not floor_exists:
+            reasons.append(f"{below}; no variant is at or above it")
+        elif any_at_floor:
+            reasons.append(f"{below}, but nothing at or above it runs on {dev.cls}")
+        else:
+            reasons.append(f"{below}, but nothing at or above it fits")
     if measured is not None:
         pass
     elif policy.prefer == "quality":

@@ -16,7 +16,10 @@ cases on the two profiles with `backends` set came with that rule and are pinned
 
 Later deliberate changes: `memory.max_bytes` caps the budget itself (it was a cap on the
 RAM share before the headroom came off), so the agent's one memory budget means what it
-says; the cases with a cap were re-pinned then.
+says; the cases with a cap were re-pinned then. A winner below `min_quality` no longer reads
+"nothing at or above it fits" when no variant is at or above it, or when one fits on a later
+device, nor "... at or above <floor>" of itself; the 9 cases with such a winner were re-pinned
+(the same variant chosen in every case).
 
 A deliberate change of behaviour or wording changes this table: check the differences it
 reports, then print a new one with `.venv/bin/python tests/test_selection_regression.py`.
@@ -60,17 +63,17 @@ EXPECTED: dict[str, str] = {
     "0.0.0 two-gpus-vulkan-rocm": "v12|40d60cce9488",
     "0.0.0 hexagon-online-qnn": "v11|1dfbd1b00e95",
     "0.0.0 hexagon-offline": "v11|35ed1a9016b6",
-    "0.0.0 rtx-cuda-gguf-backend-only": "v0|da626b308aba",
+    "0.0.0 rtx-cuda-gguf-backend-only": "v0|66ef3c2db9c6",
     "0.0.0 cpu-8gib-no-backends": "no fit|309a663d71df",
     "1.0.0 cpu-2gib-no-runtimes": "no fit|78fbc434dfaa",
-    "1.0.0 cpu-16gib-cpu-runtimes": "v0|1d830c14afef",
-    "1.0.0 rtx-npu-cuda": "v0|044dd5cccf6b",
-    "1.0.0 rtx-no-gpu-runtime": "v0|e146f1b53266",
-    "1.0.0 jetson-integrated": "v0|70037805d930",
-    "1.0.0 two-gpus-vulkan-rocm": "v0|cdfddcece197",
-    "1.0.0 hexagon-online-qnn": "v0|1d830c14afef",
-    "1.0.0 hexagon-offline": "v0|1d830c14afef",
-    "1.0.0 rtx-cuda-gguf-backend-only": "v0|044dd5cccf6b",
+    "1.0.0 cpu-16gib-cpu-runtimes": "v0|91d2ac34acfa",
+    "1.0.0 rtx-npu-cuda": "v0|c1027002d359",
+    "1.0.0 rtx-no-gpu-runtime": "v0|4552f9c17ced",
+    "1.0.0 jetson-integrated": "v0|d61c77e29d94",
+    "1.0.0 two-gpus-vulkan-rocm": "v0|19639b8f632b",
+    "1.0.0 hexagon-online-qnn": "v0|91d2ac34acfa",
+    "1.0.0 hexagon-offline": "v0|91d2ac34acfa",
+    "1.0.0 rtx-cuda-gguf-backend-only": "v0|c1027002d359",
     "1.0.0 cpu-8gib-no-backends": "no fit|5f774ceb19cd",
     "2.0.0 cpu-2gib-no-runtimes": "no fit|a3a5b9dc8cb3",
     "2.0.0 cpu-16gib-cpu-runtimes": "no fit|a3a5b9dc8cb3",
