@@ -17,6 +17,7 @@ import queue
 import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 from agent.errors import (
@@ -40,6 +41,44 @@ from agent.runtime.types import Chunk, Embeddings, GenerationRequest, ResolvedMo
 from agent.settings import FlashAttention, RuntimeSettings
 
 log = logging.getLogger(__name__)
+
+_PARAMS_LOCK = threading.Lock()
+
+
+def extra_buffers_are_safe() -> bool:
+    """Whether llama.cpp may repack weights into its extra CPU buffer types. Not where the
+    build uses Intel AMX: its matrix kernel (`ggml_backend_amx_mul_mat`) segfaults on the
+    first batch holding several sequences (seen here on a Sapphire Rapids Xeon with the
+    vendored llama.cpp of llama-cpp-python 0.3.36; upstream ggml-org/llama.cpp#20824, closed
+    unfixed). The daemon would die on the first concurrent request; the AVX-512 kernels it
+    falls back to serve the same GGUF correctly."""
+    import llama_cpp
+
+    return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
+@contextmanager
+def model_params(**fields: Any) -> Iterator[None]:
+    """`Llama()` builds its `llama_model_params` from the library's defaults and loads the
+    model at once, with no argument for some fields (`use_extra_bufts`): while this is
+    entered, the defaults it reads carry `fields`. Serialised, as it swaps a module
+    attribute that every load in the process reads."""
+    import llama_cpp.llama_cpp as lc
+
+    original = lc.llama_model_default_params
+
+    def defaults() -> Any:
+        params = original()
+        for name, value in fields.items():
+            setattr(params, name, value)
+        return params
+
+    with _PARAMS_LOCK:
+        lc.llama_model_default_params = defaults
+        try:
+            yield
+        finally:
+            lc.llama_model_default_params = original
 
 GRAMMAR_MAX_DEPTH = 1000
 """Nesting of a constrained-output grammar (llama.cpp returns no sampler from about 2000)."""
@@ -148,6 +187,10 @@ class LlamaBackend:
         pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED  # the GGUF's own
 
         def open_model(ctx: int) -> Any:
+            with model_params(use_extra_bufts=extra_buffers_are_safe()):
+                return open_llama(ctx)
+
+        def open_llama(ctx: int) -> Any:
             return llama_cpp.Llama(
                 model_path=resolved.path,
                 n_ctx=ctx,
