@@ -48,6 +48,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from serve import Agent, clean_env, model_file  # noqa: E402  (bench/serve.py)
 
+from agent.runtime.llama import extra_buffers_are_safe  # noqa: E402
+
 RESULTS = ROOT / "bench" / "results" / "concurrency.json"
 THREADS = 2
 SMOL, GEMMA = "smollm2-135m", "gemma3-270m"
@@ -153,7 +155,9 @@ class LlamaServer:
             self.proc = subprocess.Popen(
                 [str(binary), "-m", str(model), "-a", alias, "-t", str(THREADS), "-tb",
                  str(THREADS), "-c", str(4096 * parallel), "-np", str(parallel), "--host",
-                 "127.0.0.1", "--port", str(self.port)],
+                 "127.0.0.1", "--port", str(self.port),
+                 # The agent's weights layout: no repacking where llama.cpp would use AMX.
+                 *([] if extra_buffers_are_safe() else ["--no-repack"])],
                 stdout=log, stderr=subprocess.STDOUT, env=clean_env())
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:

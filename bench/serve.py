@@ -435,10 +435,13 @@ class Direct:
     def __init__(self, path: Path, n_ctx: int, threads: int) -> None:
         import llama_cpp
 
-        self.llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-            n_gpu_layers=0, use_mmap=True, seed=RANDOM_SEED, verbose=False,
-        )
+        from agent.runtime.llama import extra_buffers_are_safe, model_params
+
+        with model_params(use_extra_bufts=extra_buffers_are_safe()):  # as the agent loads
+            self.llm = llama_cpp.Llama(
+                model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_gpu_layers=0, use_mmap=True, seed=RANDOM_SEED, verbose=False,
+            )
         self.is_eog = llama_cpp.llama_vocab_is_eog
         self.vocab = self.llm._model.vocab
         bos = self.llm.token_bos()
