@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -184,19 +185,28 @@ SCHEMA = {
 
 
 def test_json_schema_output_validates_for_twenty_requests(agent: Daemon) -> None:
+    """Twenty sampled (temperature 0.8) requests, four at a time so the grammar-constrained
+    sequences share the batch as real traffic would: every answer parses and validates."""
     client = agent.openai()
     rng = random.Random(7)
     people = ["a sailor", "a baker", "a child", "a painter", "an astronaut"]
-    for i in range(20):
+    seeds = [rng.randrange(1 << 30) for _ in range(20)]
+
+    def ask(i: int) -> tuple[str | None, str | None]:
         resp = client.chat.completions.create(
-            model=SMOL, max_tokens=120, temperature=0.8, seed=rng.randrange(1 << 30),
+            model=SMOL, max_tokens=120, temperature=0.8, seed=seeds[i],
             messages=[{"role": "user", "content": f"Describe {people[i % 5]} as JSON."}],
             response_format={"type": "json_schema",
                              "json_schema": {"name": "person", "schema": SCHEMA,
                                              "strict": True}},
         )
-        assert resp.choices[0].finish_reason == "stop", resp.choices[0].message.content
-        jsonschema.validate(json.loads(resp.choices[0].message.content), SCHEMA)
+        return resp.choices[0].finish_reason, resp.choices[0].message.content
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(20)))
+    for finish_reason, content in answers:
+        assert finish_reason == "stop", content
+        jsonschema.validate(json.loads(content or ""), SCHEMA)
 
 
 def test_a_schema_without_a_grammar_is_refused(agent: Daemon) -> None:
@@ -506,6 +516,8 @@ def test_completion_logprobs_agree_with_llama_cpp_python(agent: Daemon,
                                                          smollm2_gguf: Path) -> None:
     from llama_cpp import Llama
 
+    from agent.runtime.llama import extra_buffers_are_safe, model_params
+
     prompt = "The capital of France is"
     ours = _post(agent, "/v1/completions", {"model": SMOL, "prompt": prompt, "max_tokens": 8,
                                             "temperature": 0, "logprobs": 2}).json()
@@ -516,7 +528,9 @@ def test_completion_logprobs_agree_with_llama_cpp_python(agent: Daemon,
     # The baseline: llama-cpp-python's own logprobs (every position's logits kept), with
     # flash attention on as the agent runs it (runtime.flash_attention auto): the unfused
     # kernel's logits differ in the last digits, enough to flip a near-tie.
-    llm = Llama(str(smollm2_gguf), logits_all=True, n_ctx=512, verbose=False, flash_attn=True)
+    with model_params(use_extra_bufts=extra_buffers_are_safe()):  # as the agent loads
+        llm = Llama(str(smollm2_gguf), logits_all=True, n_ctx=512, verbose=False,
+                    flash_attn=True)
     theirs = llm.create_completion(prompt, max_tokens=8, temperature=0, logprobs=2)
     base = theirs["choices"][0]["logprobs"]
     assert lp["tokens"] == base["tokens"]
