@@ -45,13 +45,14 @@ $(STAMP): requirements.lock requirements-build.txt pyproject.toml
 
 run: setup
 	@mkdir -p $(HOME_DIR) && chmod 0750 $(HOME_DIR)
+	@# Marks this state dir for the CLI: `edge-agent ...` run in this checkout (with none of
+	@# this environment) talks to this daemon. README "Which daemon the CLI talks to".
+	@printf '# Written by make run: the edge-agent CLI run in this checkout uses this daemon.\nhome = "%s"\nsocket = "%s"\n' \
+	  '$(EDGE_AGENT_HOME)' '$(EDGE_AGENT_SOCKET)' > $(HOME_DIR)/edge-agent-dev.toml && chmod 0644 $(HOME_DIR)/edge-agent-dev.toml
 	$(VENV)/bin/edge-agent models pull smollm2-135m
-	@echo "edge-agent: serving on $(EDGE_AGENT_SOCKET)  (Ctrl-C stops it)"
-	@echo "try: curl --unix-socket $(EDGE_AGENT_SOCKET) http://localhost/v1/chat/completions \\"
-	@echo "       -H 'Content-Type: application/json' \\"
-	@echo "       -d '{\"model\": \"smollm2-135m\", \"messages\": [{\"role\": \"user\", \"content\": \"Hello!\"}]}'"
-	@echo "  or: $(VENV)/bin/edge-agent chat smollm2-135m 'Hello!'   (EDGE_AGENT_HOME=$(HOME_DIR) EDGE_AGENT_SOCKET=$(EDGE_AGENT_SOCKET))"
-	exec $(VENV)/bin/edge-agent serve
+	@# serve prints where it serves and what to paste once the socket is bound: a second
+	@# `make run` fails ("another edge-agent is already serving") without claiming to serve.
+	exec $(VENV)/bin/edge-agent serve --try-it smollm2-135m
 
 services:
 	@scripts/debian-packages.sh

@@ -11,6 +11,7 @@ import logging
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -61,8 +62,10 @@ def configure_logging(cfg: LoggingSettings) -> None:
     )
 
 
-def serve(settings: Settings) -> int:
-    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code."""
+def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:
+    """Run the daemon in the foreground until SIGTERM/SIGINT; returns the exit code.
+    `on_ready` runs once it serves (just before READY=1): `serve --try-it` prints there,
+    so nothing claims to serve before the socket is bound."""
     configure_logging(settings.logging)
     # SIGUSR1 prints every thread's stack to stderr (the journal): what an operator needs to
     # see where a stuck daemon is stuck, without a debugger on the device.
@@ -80,14 +83,15 @@ def serve(settings: Settings) -> int:
         # event loop for 50-70 ms. Freeze them out of GC (bench/serve.py, p99 latency).
         gc.collect()
         gc.freeze()
-        asyncio.run(_run(app, socks, settings))
+        asyncio.run(_run(app, socks, settings, on_ready))
     finally:
         if identity is not None:
             remove_socket_file(settings.socket, identity)
     return 0
 
 
-async def _run(app: web.Application, socks: list, settings: Settings) -> None:  # type: ignore[type-arg]
+async def _run(app: web.Application, socks: list, settings: Settings,  # type: ignore[type-arg]
+               on_ready: Callable[[], None] | None = None) -> None:
     grace = settings.server.shutdown_grace_seconds
     runner = web.AppRunner(
         app,
@@ -132,6 +136,8 @@ async def _run(app: web.Application, socks: list, settings: Settings) -> None:  
     interval = watchdog_interval()
     if interval:
         watchdog = asyncio.create_task(watchdog_loop(interval), name="sd-watchdog")
+    if on_ready is not None:
+        on_ready()  # listening: before READY=1, so whoever waits on READY sees its output
     notify("READY=1")
     where = [str(Path(s.getsockname())) for s in socks if isinstance(s.getsockname(), str)]
     log.info("serving on %s", ", ".join(where) or "inherited sockets")

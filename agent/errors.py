@@ -204,6 +204,7 @@ class AgentUnavailable(ClientError):
 class DaemonError(ClientError):
     """The daemon answered with an error; the message is its own."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, *, param: str | None = None) -> None:
         super().__init__(f"{message} (HTTP {status})")
         self.status = status
+        self.param = param  # the request field it refused, if it named one (a usage error)

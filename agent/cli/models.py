@@ -36,7 +36,7 @@ def models() -> None:
 
 
 @models.command("import")
-@click.argument("path", type=click.Path(path_type=Path))
+@click.argument("path", type=click.Path(path_type=Path, exists=True))
 @click.option("--alias", help="Name apps use for the model (default: from the file).")
 @click.option("--move", is_flag=True, help="Move the file into the store instead of copying.")
 @click.option(
@@ -59,7 +59,7 @@ def import_(
     else:
         size = path.stat().st_size if path.is_file() else 0
     with (
-        registry(ctx) as reg,
+        registry(ctx, create=True) as reg,
         tqdm(
             total=size,
             unit="B",
@@ -287,8 +287,9 @@ def pull(ctx: Context, alias: str, as_json: bool) -> None:
         if not reach.package_variants:
             raise NoSourceAvailable(reach.pull_refusal())
 
-    with registry(ctx) as reg, tqdm(unit="B", unit_scale=True, desc=f"verifying {alias}",
-                                    disable=as_json or None, leave=False) as bar:
+    with registry(ctx, create=True) as reg, tqdm(unit="B", unit_scale=True,
+                                                 desc=f"verifying {alias}",
+                                                 disable=as_json or None, leave=False) as bar:
         result = reg.pull(alias, progress=bar.update, fleet=link)
     _print_result(result, as_json, "installed", "already installed:")
 

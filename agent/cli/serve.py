@@ -2,25 +2,78 @@
 
 from __future__ import annotations
 
+import json
+import shlex
+import shutil
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
 
 from agent.cli.common import Context, call, human_bytes, json_option, print_rows
-from agent.client import AgentClient
 
 pass_ctx = click.make_pass_decorator(Context)
 
 
 @click.command()
+@click.option("--try-it", "try_it", metavar="MODEL", default=None,
+              help="Once serving, print the socket and ready-to-paste requests for MODEL "
+                   "(what `make run` shows).")
 @pass_ctx
-def serve(ctx: Context) -> None:
+def serve(ctx: Context, try_it: str | None) -> None:
     """Run the daemon in the foreground (systemd runs this)."""
     from agent.daemon import serve as run_daemon
 
-    sys.exit(run_daemon(ctx.settings))
+    on_ready = None
+    if try_it is not None:
+        # Worked out before the daemon starts its threads; printed only once the socket
+        # is bound and the daemon ready, so a second `make run` fails ("another
+        # edge-agent is already serving") without first claiming to serve.
+        text = try_it_text(ctx.settings.socket, try_it, _cli_for(ctx.settings.socket))
+
+        def on_ready() -> None:
+            click.echo(text)
+
+    sys.exit(run_daemon(ctx.settings, on_ready=on_ready))
+
+
+def try_it_text(socket: Path, model: str, cli: str) -> str:
+    """Where the daemon serves and two requests to paste into bash: curl, and the CLI."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+    sock = shlex.quote(str(socket))
+    return "\n".join([
+        f"edge-agent: serving on {socket}  (Ctrl-C stops it)",
+        f"try: curl --unix-socket {sock} http://localhost/v1/chat/completions \\",
+        "       -H 'Content-Type: application/json' \\",
+        f"       -d {shlex.quote(body)}",
+        f"  or: {cli} chat {shlex.quote(model)} 'Hello!'",
+    ])
+
+
+def _cli_for(socket: Path) -> str:
+    """This `edge-agent` as a person in this directory would type it, with `--socket`
+    only if the CLI would not find `socket` by itself from here (with no environment)."""
+    from agent.cli.discovery import locate
+
+    argv0 = Path(sys.argv[0])
+    if argv0.name == "__main__.py" or not argv0.name:
+        cli = f"{shlex.quote(sys.executable)} -m agent"
+    elif shutil.which(argv0.name) == str(argv0.absolute()) or str(argv0) == argv0.name:
+        cli = argv0.name
+    else:
+        try:
+            cli = shlex.quote(str(argv0.absolute().relative_to(Path.cwd())))
+        except ValueError:
+            cli = shlex.quote(str(argv0.absolute()))
+    try:
+        found = locate(None, environ={}).settings.socket
+    except Exception:  # only decides whether to spell --socket out
+        found = None
+    if found is None or found.absolute() != socket.absolute():
+        cli += f" --socket {shlex.quote(str(socket))}"
+    return cli
 
 
 @click.command()
@@ -36,7 +89,7 @@ def chat(ctx: Context, alias: str, prompt: str, max_tokens: int | None, seed: in
         params["max_tokens"] = max_tokens
     if seed is not None:
         params["seed"] = seed
-    with AgentClient(ctx.settings.socket) as client:
+    with ctx.client() as client:
         for text in client.stream_chat(alias, [{"role": "user", "content": prompt}], **params):
             click.echo(text, nl=False)
     click.echo()
@@ -51,7 +104,7 @@ def run(ctx: Context, alias: str, system: str | None) -> None:
     history: list[dict[str, str]] = []
     if system:
         history.append({"role": "system", "content": system})
-    with AgentClient(ctx.settings.socket) as client:
+    with ctx.client() as client:
         client.request("POST", f"/agent/v1/models/{alias}/load", {})
         click.echo(f"chatting with {alias}; /bye or Ctrl-D to end", err=True)
         while True:
