@@ -101,7 +101,8 @@ def _warm(tmp_path: Path, *args: str) -> None:
     (scratch / "home").mkdir(parents=True)
     nobody = scratch / "nobody.yaml"
     nobody.write_text("bindings: []\n")
-    subprocess.run([sys.executable, "-m", "agent", "tokens", "list"], check=False,
+    subprocess.run([sys.executable, "-m", "agent", "tokens", "create", "--name", "warm",
+                    "--role", "app"], check=False,
                    env={**os.environ, "EDGE_AGENT_HOME": str(scratch / "home")},
                    capture_output=True)  # creates the scratch database and key
     result = CliRunner().invoke(main, list(args), env={

@@ -124,6 +124,8 @@ def test_read_only_commands_create_no_home_and_installs_say_where(tmp_path: Path
     listed = cli("models", "list", env=env)
     assert listed.exit_code == 0 and "no models installed" in listed.stdout
     assert cli("models", "show", "smollm2-135m", env=env).exit_code == 1
+    tokens = cli("tokens", "list", env=env)
+    assert tokens.exit_code == 0 and "no tokens" in tokens.stdout, tokens.output
     assert not home.exists()
     tiny = make_tiny_gguf(tmp_path / "tiny.gguf")
     out = cli("models", "import", str(tiny), "--alias", "tiny", "--task", "completion", env=env)

@@ -25,8 +25,10 @@ pass_ctx = click.make_pass_decorator(Context)
 
 
 @contextmanager
-def _store(ctx: Context) -> Iterator[TokenStore]:
-    with database(ctx, create=True) as db:
+def _store(ctx: Context, *, create: bool = False) -> Iterator[TokenStore]:
+    """The token table of the configured home; only `create` makes a home (issue 15:
+    commands that only read or revoke leave no state behind)."""
+    with database(ctx, create=create) as db:
         yield TokenStore(db)
 
 
@@ -58,7 +60,7 @@ def create(ctx: Context, name: str, role: str, expires: timedelta | None, as_jso
     roles = load_policy(path).roles
     if role not in roles:
         fail(f"unknown role {role!r}; {path} defines: {', '.join(sorted(roles))}", 2)
-    with _store(ctx) as store:
+    with _store(ctx, create=True) as store:
         token, info = store.create(name, role, expires)
     if as_json:
         emit_json({**info.as_json(datetime.now(UTC)), "token": token})
@@ -75,8 +77,11 @@ def create(ctx: Context, name: str, role: str, expires: timedelta | None, as_jso
 @guarded("tokens:manage")
 def list_(ctx: Context, as_json: bool) -> None:
     """List tokens: name, role, status and dates (never secrets)."""
-    with _store(ctx) as store:
-        rows = store.list_tokens()
+    if ctx.settings.state.db.is_file():
+        with _store(ctx) as store:
+            rows = store.list_tokens()
+    else:  # no home yet: no tokens, and nothing created to say so
+        rows = []
     now = datetime.now(UTC)
 
     def line(r: TokenInfo) -> str:
