@@ -218,6 +218,31 @@ def test_a_schema_without_a_grammar_is_refused(agent: Daemon) -> None:
     assert r.json()["error"]["param"].startswith("response_format")
 
 
+def test_strict_refuses_a_keyword_the_grammar_cannot_enforce(agent: Daemon) -> None:
+    """strict: true promises replies that validate: a number's bounds have no grammar, so
+    the schema gets a 400 naming the keyword and where it is. Without strict the rest of
+    the schema is enforced and the keyword is best effort, as with OpenAI."""
+    schema = {"type": "object", "properties": {"price": {"type": "number", "minimum": 0}},
+              "required": ["price"], "additionalProperties": False}
+
+    def ask(strict: bool) -> Any:
+        return _post(agent, "/v1/chat/completions", {
+            "model": SMOL, "messages": CHAT, "max_tokens": 4,
+            "response_format": {"type": "json_schema", "json_schema": {
+                "name": "x", "schema": schema, "strict": strict}}})
+
+    r = ask(True)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "response_format.json_schema.schema"
+    assert '"minimum" at /properties/price' in r.json()["error"]["message"]
+    assert ask(False).status_code == 200
+    r = _post(agent, "/v1/responses", {
+        "model": SMOL, "input": "Name a price.", "max_output_tokens": 4,
+        "text": {"format": {"type": "json_schema", "name": "x", "schema": schema,
+                            "strict": True}}})
+    assert r.status_code == 400 and "minimum" in r.json()["error"]["message"], r.text
+
+
 @pytest.mark.parametrize("schema", [
     {"type": "string", "maxLength": 100_000},  # killed the daemon: SIGSEGV in llama.cpp
     {"type": "array", "items": {"type": "integer"}, "maxItems": 2000},  # no sampler

@@ -212,7 +212,8 @@ class _CommonRequest(BaseModel):
         """How many alternatives per token to report (None: no log-probabilities)."""
         return None
 
-    def sampling(self, json_object: bool = False, json_schema: str | None = None) -> Sampling:
+    def sampling(self, json_object: bool = False, json_schema: str | None = None,
+                 strict: bool = False) -> Sampling:
         fields = {
             k: getattr(self, k)
             for k in (
@@ -232,7 +233,8 @@ class _CommonRequest(BaseModel):
         stops = [self.stop] if isinstance(self.stop, str) else (self.stop or [])
         bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         return Sampling(**fields, stop=stops, json_object=json_object, json_schema=json_schema,
-                        logit_bias=bias, logprobs=self.logprob_count())
+                        json_schema_strict=strict, logit_bias=bias,
+                        logprobs=self.logprob_count())
 
 
 class _LegacyCall(BaseModel):
@@ -286,12 +288,14 @@ class ChatCompletionRequest(_CommonRequest):
         fmt = self.response_format
         json_object = fmt is not None and fmt.type == "json_object"
         schema = None
+        strict = False
         if fmt is not None and fmt.type == "json_schema":
             if fmt.json_schema is None:
                 raise APIError(400, "response_format: type json_schema needs a json_schema "
                                "with a schema", param="response_format.json_schema",
                                code="invalid_value")
             schema = json.dumps(fmt.json_schema.schema_)
+            strict = bool(fmt.json_schema.strict)
         messages = [m.to_model(i) for i, m in enumerate(self.messages)]
         if tools is not None:
             messages = tooling.with_tools(messages, tools)
@@ -299,7 +303,7 @@ class ChatCompletionRequest(_CommonRequest):
         return GenerationRequest(
             model=self.model,
             messages=messages,
-            sampling=self.sampling(json_object, schema),
+            sampling=self.sampling(json_object, schema, strict),
             keep_alive=parse_keep_alive(self.keep_alive),
             cache_prompt=self.cache_prompt,
             n=self.n,

@@ -106,7 +106,8 @@ class ResponsesRequest(BaseModel):
                                   "temperature": self.temperature, "top_p": self.top_p}
         sampling = Sampling(**{k: v for k, v in fields.items() if v is not None},
                             json_object=fmt.type == "json_object",
-                            json_schema=json.dumps(fmt.schema_) if fmt.schema_ else None)
+                            json_schema=json.dumps(fmt.schema_) if fmt.schema_ else None,
+                            json_schema_strict=bool(fmt.strict))
         return GenerationRequest(model=self.model, messages=messages, sampling=sampling,
                                  keep_alive=parse_keep_alive(self.keep_alive))
 

@@ -11,6 +11,7 @@ else the caller's (tests and tools drive `generate`, which steps the engine itse
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import queue
@@ -468,22 +469,36 @@ class LlamaBackend:
         )
 
     def _grammar(self, s: Sampling) -> Any:
-        """llama.cpp's grammar for JSON mode or a JSON Schema (converted by llama.cpp's own
-        schema-to-grammar code), or None."""
+        """llama.cpp's grammar for JSON mode or a JSON Schema, or None. The schema is
+        converted by llama-cpp-python's converter with integer bounds added
+        (`agent.runtime.json_grammar`: its own ignores them, and `maximum: 120` let a
+        model write 1653). With `strict`, a schema holding a keyword the grammar cannot
+        enforce (a number's bounds, multipleOf, an unknown format, ...) is refused,
+        naming the keyword and where it is: the client asked for replies that validate,
+        and a best-effort grammar could not promise that."""
         if s.json_schema is None and not s.json_object:
             return None
         from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+        from agent.runtime.json_grammar import schema_to_gbnf, unenforced
 
         if s.json_schema is None:
             return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
         param = "response_format.json_schema.schema"
         try:
-            grammar = LlamaGrammar.from_json_schema(s.json_schema, verbose=False)
+            text = schema_to_gbnf(s.json_schema)
         except (Exception, MemoryError, RecursionError) as exc:  # bare ValueErrors and more
             raise InvalidSampling(f"this JSON schema cannot be turned into a grammar: {exc}",
                                   param) from exc
-        self._check_grammar(str(grammar._grammar), param)
-        return grammar
+        if s.json_schema_strict and (loose := unenforced(json.loads(s.json_schema))):
+            where = ", ".join(f'"{k}" at {p or "/"}' for p, k in loose[:5])
+            more = f" and {len(loose) - 5} more" if len(loose) > 5 else ""
+            raise InvalidSampling(
+                f"strict: the grammar cannot enforce {where}{more}; remove "
+                f"{'it' if len(loose) == 1 else 'them'}, or send strict: false for best "
+                "effort (such keywords are then not enforced)", param)
+        self._check_grammar(text, param)
+        return LlamaGrammar.from_string(text, verbose=False)
 
     def _check_grammar(self, text: str, param: str) -> None:
         """Refuse a grammar llama.cpp would crash on or refuse. The converter writes a

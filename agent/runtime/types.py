@@ -41,6 +41,9 @@ class Sampling(BaseModel):
     json_schema: str | None = Field(
         default=None, description="Constrain output to this JSON Schema (JSON text)."
     )
+    json_schema_strict: bool = Field(
+        default=False, description="Refuse a json_schema with keywords the grammar cannot "
+        "enforce (OpenAI's strict: true), instead of enforcing the rest.")
     logit_bias: dict[int, float] = Field(
         default_factory=dict, description="Added to these tokens' logits; -100 bans a token."
     )
