@@ -8,6 +8,7 @@ line naming the key, where it came from and what is allowed.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from collections.abc import Mapping
@@ -23,6 +24,17 @@ from localdb.layout import StateDir
 ENV_PREFIX = "EDGE_AGENT_"
 ENV_NESTED = "__"
 DEFAULT_CONFIG = Path("/etc/edge-agent/agent.toml")
+
+# EDGE_AGENT_* variables that are read by something other than these settings, so the
+# unknown-variable check (`check_environment`) lets them be. Anything else under the
+# prefix that names no setting is an error: a typo must not silently keep the default.
+NOT_SETTINGS = frozenset({
+    f"{ENV_PREFIX}CONFIG",  # which TOML file to read (config_path)
+    f"{ENV_PREFIX}WHEEL_CACHE",  # scripts/build-wheelhouse.sh, set in a developer's shell
+})
+NOT_SETTINGS_PREFIXES = (
+    f"{ENV_PREFIX}TEST_",  # the test suite's own knobs (EDGE_AGENT_TEST_ONNX_SMOLLM2)
+)
 
 
 FlashAttention = Literal["auto", "on", "off"]  # llama.cpp's fused attention kernel
@@ -170,6 +182,14 @@ class RuntimeSettings(_Section):
         ge=128,
         description="Context window to load models with (capped by the model); a GGUF "
         "model's concurrent requests share it.",
+    )
+    max_tokens_ceiling: int = Field(
+        default=2048,
+        ge=0,
+        description="Most tokens one answer (each of its `n` choices) may generate, "
+        "whatever the request asks: a request that sets no max_tokens (OpenAI: up to the "
+        "context) or a larger one is cut here with finish_reason length, as the context "
+        "window cuts it. 0: only the context window bounds it.",
     )
     parallel: int = Field(
         default=4,
@@ -406,6 +426,7 @@ def config_path(explicit: Path | None, environ: Mapping[str, str] | None = None)
 def load_settings(config: Path | None = None, environ: Mapping[str, str] | None = None) -> Settings:
     """Read settings from the TOML file (if any) and the environment."""
     env = os.environ if environ is None else environ
+    check_environment(env)
     path = config_path(config, env)
     data: dict[str, Any] = {}
     if path is not None:
@@ -446,6 +467,48 @@ def load_settings(config: Path | None = None, environ: Mapping[str, str] | None 
 
 
 DEPLOYED_SETTINGS = "deployed-settings.json"
+
+
+def environment_names() -> list[str]:
+    """Every EDGE_AGENT_* variable that sets something: each leaf setting, and each
+    section (pydantic-settings also takes a whole section as JSON)."""
+    names: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: list[str]) -> None:
+        for name, field in model.model_fields.items():
+            loc = [*prefix, name]
+            names.append(ENV_PREFIX + ENV_NESTED.join(p.upper() for p in loc))
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, loc)
+
+    walk(Settings, [])
+    return names
+
+
+def check_environment(environ: Mapping[str, str]) -> None:
+    """Refuse an EDGE_AGENT_* variable that maps to no setting (SettingsError, exit 2),
+    naming the closest one. pydantic-settings ignores such a variable, so a typo like
+    EDGE_AGENT_RUNTIME_THREADS (one underscore) silently left the default in place,
+    although docs/settings.md promises that no typo falls back. Variables other tools read
+    under the prefix are listed in NOT_SETTINGS / NOT_SETTINGS_PREFIXES."""
+    known: list[str] | None = None
+    for name in sorted(environ):
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NOT_SETTINGS \
+                or upper.startswith(NOT_SETTINGS_PREFIXES):
+            continue
+        if known is None:
+            known = environment_names()
+        if upper in known:
+            continue
+        # Compared without the prefix they all share (it would make anything look close).
+        tails = [k.removeprefix(ENV_PREFIX) for k in (*known, *NOT_SETTINGS)]
+        near = difflib.get_close_matches(upper.removeprefix(ENV_PREFIX), tails, n=1,
+                                         cutoff=0.6)
+        hint = (f"did you mean {ENV_PREFIX}{near[0]}?" if near
+                else "the settings and their variables are listed in docs/settings.md")
+        raise SettingsError(f"environment {name} is not a setting; {hint}")
 
 
 def _deployed_overlay(home: Path) -> dict[str, Any]:
