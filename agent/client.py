@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -13,6 +14,14 @@ from agent.errors import AgentUnavailable, DaemonError
 
 if TYPE_CHECKING:  # imported when a client is made: `edge-agent serve` never needs httpx
     import httpx
+
+log = logging.getLogger(__name__)
+WARNING_HEADER = "Edge-Agent-Warning"  # agent.api.tasks: e.g. chatting with a base model
+CHAT_MAX_TOKENS = 1024
+"""What `stream_chat` (`edge-agent chat` and `run`) asks for unless told: an answer of a
+small model fits, and a model that never stops is cut within a minute or two instead of
+generating up to its context (the daemon caps every answer at runtime.max_tokens_ceiling
+as well)."""
 
 
 class AgentClient:
@@ -80,12 +89,15 @@ class AgentClient:
         """Yield text deltas of a streamed chat completion."""
         import httpx
 
-        body = {"model": model, "messages": messages, "stream": True, **params}
+        body = {"model": model, "messages": messages, "stream": True,
+                "max_tokens": CHAT_MAX_TOKENS, **params}
         try:
             with self._http.stream("POST", "/v1/chat/completions", json=body) as resp:
                 if resp.status_code != 200:
                     resp.read()
                     _decode(resp, model)
+                if warning := resp.headers.get(WARNING_HEADER):
+                    log.warning("%s", warning)  # the CLI shows warnings on stderr
                 for line in resp.iter_lines():
                     if not line.startswith("data: ") or line == "data: [DONE]":
                         continue

@@ -16,6 +16,7 @@ from agent.api.access import MODEL, USAGE
 from agent.api.errors import APIError
 from agent.api.openai import KeepAlive, ModelAlias, parse_keep_alive, read_json
 from agent.api.routes import RouteSpec
+from agent.api.tasks import check_route
 from agent.runtime.backend import Backend
 from agent.runtime.types import Embeddings
 from agent.state import STATE
@@ -56,6 +57,7 @@ async def embeddings(request: web.Request) -> web.Response:
         raise APIError(400, f"input has {len(texts)} texts; at most {limit} per request",
                        code="too_many_inputs", param="input")
     request[MODEL] = req.model  # for the audit record
+    await check_route(request, req.model, "embeddings")
     out = await state.scheduler.run(req.model, _embed, texts,
                                     keep_alive=parse_keep_alive(req.keep_alive))
     vectors = out.vectors

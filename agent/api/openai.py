@@ -20,6 +20,7 @@ from agent.api.access import END_USER, MODEL, USAGE
 from agent.api.errors import APIError, to_api_error
 from agent.api.limits import EventStream
 from agent.api.routes import RouteSpec
+from agent.api.tasks import check_route
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
 from registry.service import ALIAS_RE
@@ -417,7 +418,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     refuse_unimplemented(body)
     req = ChatCompletionRequest.model_validate(body)
     plan = req.tool_plan()
-    return await _serve(request, req, req.generation(plan), chat=True, tools=plan)
+    gen = req.generation(plan)
+    await check_route(request, req.model, "chat")
+    return await _serve(request, req, gen, chat=True, tools=plan)
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -425,6 +428,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     refuse_unimplemented(body)
     req = CompletionRequest.model_validate(body)
     gens = req.generations()
+    await check_route(request, req.model, "completions")
     if len(gens) > 1:
         return await _serve_many(request, req, gens)
     return await _serve(request, req, gens[0], chat=False)

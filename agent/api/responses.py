@@ -31,6 +31,7 @@ from agent.api.openai import (
     refuse_unimplemented,
 )
 from agent.api.routes import RouteSpec
+from agent.api.tasks import check_route
 from agent.runtime.types import ChatMessage, Chunk, GenerationRequest, Sampling
 from agent.state import STATE
 
@@ -119,6 +120,7 @@ async def create_response(request: web.Request) -> web.StreamResponse:
     gen = req.generation()
     state = request.app[STATE]
     request[MODEL] = req.model
+    await check_route(request, req.model, "responses")
     if (end_user := req.safety_identifier or req.user) is not None:
         request[END_USER] = end_user
     stream = state.scheduler.generate(gen)

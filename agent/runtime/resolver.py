@@ -9,7 +9,9 @@ Runtime) is deferred to the first selection, so an idle daemon never pays for it
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,6 +24,8 @@ if TYPE_CHECKING:  # selection's models cost ~3 MB: the daemon loads them on fir
     from registry.selection import Selection, SelectionPolicy
     from registry.selection_index import VariantIndex
     from registry.types import VariantSpec
+
+log = logging.getLogger(__name__)
 
 
 def effective_policy(policy: SelectionPolicy, runtime: RuntimeSettings) -> SelectionPolicy:
@@ -78,6 +82,7 @@ class ModelResolver:
                 from agent.hardware import detect
                 from agent.runtime.backend import available_formats
 
+                started = time.perf_counter()
                 live = self.root is None
                 profile = detect(self.root or Path("/"))  # a tree: its captured runtimes
                 if live:  # a captured tree says nothing about this agent's backends
@@ -86,6 +91,12 @@ class ModelResolver:
                     )
                     profile = profile.model_copy(update={"runtimes": runtimes})
                 self._profile = profile
+                # Once per process, at start (agent.app warms it before READY=1): a
+                # second line, or one after "serving on", is a probe a request paid for.
+                log.info("hardware probed in %.0f ms: %s, %d cores, %d MiB RAM, backends %s",
+                         (time.perf_counter() - started) * 1000, profile.cpu.arch,
+                         profile.cpu.cores_logical, (profile.memory.total_bytes or 0) >> 20,
+                         ", ".join(profile.runtimes.backends or ()) or "none")
             return self._profile
 
     def reload_policy(self) -> None:

@@ -92,6 +92,10 @@ class Scheduler:
         self._settings = settings
         self._metrics = metrics
         self._admitted: dict[str, int] = {}  # requests per alias not yet finished
+        # Aliases that resolved to an installed model: only these get metric series, so a
+        # request for a misspelt name does not create one forever (Prometheus keeps a
+        # label set once made).
+        self._known: set[str] = set()
         self.residency = Residency(
             loader or functools.partial(load_backend, settings=settings, metrics=metrics),
             resolve,
@@ -165,6 +169,7 @@ class Scheduler:
         self._admit(alias, limit=False)
         try:
             r = await self.residency.ensure(alias, keep_alive)
+            self._loaded_once(alias)
             r.last_used = self.residency.clock()
             return self.residency.describe(r, self.queue_depth(alias))
         finally:
@@ -200,6 +205,7 @@ class Scheduler:
         Raises QueueFull, ModelLoadFailed, Stopping (and the registry's ModelNotFound)
         before the first chunk. Closing the iterator early stops the generation."""
         alias = request.model
+        request = self._bounded(request)
         started = time.perf_counter()
         async with self._call(alias, request.keep_alive) as call:
             call.cancel = cancel = threading.Event()
@@ -247,6 +253,18 @@ class Scheduler:
             if cancel.is_set() and left:
                 raise Stopping("the agent is shutting down")
 
+    def _bounded(self, request: GenerationRequest) -> GenerationRequest:
+        """`request` with max_tokens at most `runtime.max_tokens_ceiling`: a request that
+        sets none (OpenAI's "up to the context") or more is cut there with finish_reason
+        length, as the context window cuts it, so no request generates for minutes by
+        default. Enforced here, where every generating route passes."""
+        ceiling = self._settings.max_tokens_ceiling
+        asked = request.sampling.max_tokens
+        if not ceiling or (asked is not None and asked <= ceiling):
+            return request
+        sampling = request.sampling.model_copy(update={"max_tokens": ceiling})
+        return request.model_copy(update={"sampling": sampling})
+
     async def run(
         self, alias: str, fn: Callable[..., T], *args: Any, keep_alive: float | None = None
     ) -> T:
@@ -277,6 +295,7 @@ class Scheduler:
         call = _Call(alias)
         try:
             call.resident = r = await res.ensure(alias, keep_alive)
+            self._loaded_once(alias)
             r.lane.users += 1
             yield call
         except Exception as exc:
@@ -349,7 +368,20 @@ class Scheduler:
                 retry_after=max(1, math.ceil(n / (2 * running))),
             )
         self._admitted[alias] = n + 1
-        self._metrics.queue_depth.labels(model=alias).set(n + 1)
+        if alias in self._known:
+            self._metrics.queue_depth.labels(model=alias).set(n + 1)
+
+    def label_models(self, aliases: list[str]) -> None:
+        """Models installed at start: their queue depth is a series from their first
+        request (others become one once they resolve, see `_loaded_once`)."""
+        self._known.update(aliases)
+
+    def _loaded_once(self, alias: str) -> None:
+        """`alias` resolved and loaded: an installed model, whose queue depth is a series
+        from now on (set to what it is, since its admission was not counted)."""
+        if alias not in self._known:
+            self._known.add(alias)
+            self._metrics.queue_depth.labels(model=alias).set(self.queue_depth(alias))
 
     def _capacity(self, alias: str) -> int:
         """Requests `alias` runs at once: its engine's slots when it is loaded and batches,
@@ -364,7 +396,8 @@ class Scheduler:
             self._admitted[alias] = n
         else:
             self._admitted.pop(alias, None)
-        self._metrics.queue_depth.labels(model=alias).set(n)
+        if alias in self._known:
+            self._metrics.queue_depth.labels(model=alias).set(n)
 
     def _worker_done(self, lane: Lane, _worker: asyncio.Future[None]) -> None:
         lane.lock.release()
