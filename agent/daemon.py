@@ -8,11 +8,13 @@ import faulthandler
 import gc
 import json
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TextIO
 
 from aiohttp import web
 
@@ -46,7 +48,7 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(cfg: LoggingSettings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = logging.StreamHandler(_log_stream())
     if cfg.json_format:
         handler.setFormatter(JsonFormatter())
     else:
@@ -60,6 +62,18 @@ def configure_logging(cfg: LoggingSettings) -> None:
     logging.getLogger("agent.http").setLevel(
         logging.DEBUG if cfg.level == "debug" else logging.WARNING
     )
+
+
+def _log_stream() -> TextIO:
+    """stderr, through a descriptor of its own: llama-cpp-python points fd 2 at /dev/null
+    while it loads a model (verbose=False), which silenced every thread's log lines for
+    those seconds, llama.cpp's own (routed to the debug log) among them."""
+    try:
+        fd = os.dup(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # no real stderr: log where Python does
+        return sys.stderr
+    return os.fdopen(fd, "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                     errors="backslashreplace")
 
 
 def serve(settings: Settings, on_ready: Callable[[], None] | None = None) -> int:

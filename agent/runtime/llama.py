@@ -98,6 +98,53 @@ def grammar_depth(text: str) -> int:
 
 GPU_TARGETS = ("gpu", "cuda", "rocm", "hip", "vulkan", "metal", "sycl", "opencl")
 
+# llama.cpp's own log lines, as debug records of the agent's log (see route_llama_logs).
+cpp_log = logging.getLogger("agent.runtime.llama.cpp")
+_log_callback: Any = None  # the ctypes callback llama.cpp holds: it must never be freed
+_log_lock = threading.Lock()
+_log_partial: list[str] = []  # text of a line llama.cpp has not finished yet
+
+
+def route_llama_logs() -> None:
+    """Send llama.cpp's log (ggml's too) to the `agent.runtime.llama.cpp` logger at debug
+    level, instead of llama-cpp-python's callback, which prints to stderr: with
+    verbose=False it still printed some lines (a Gemma 3 load wrote "llama_kv_cache_iswa:
+    using full-size SWA cache (ref: https://github.com/ggml-org/llama.cpp/pull/...)" twice,
+    an embedding load a pooling note), unformatted, in the middle of the daemon's log.
+    They are diagnostics for whoever debugs llama.cpp: `logging.level = debug` shows
+    them, in the agent's format. Idempotent; the callback is kept referenced for the
+    life of the process (llama.cpp calls it from any thread, until exit)."""
+    global _log_callback
+    with _log_lock:
+        if _log_callback is not None:
+            return
+        import ctypes
+
+        import llama_cpp
+
+        @llama_cpp.llama_log_callback  # type: ignore[untyped-decorator]
+        def callback(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+            _llama_log_text(text)
+
+        llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
+        _log_callback = callback
+
+
+def _llama_log_text(text: bytes | None) -> None:
+    """One piece of llama.cpp's log: pieces are joined into lines (llama.cpp writes some
+    lines in several calls, and progress dots without a newline), each logged once."""
+    if not text or not cpp_log.isEnabledFor(logging.DEBUG):
+        return
+    with _log_lock:
+        _log_partial.append(text.decode("utf-8", "replace"))
+        if "\n" not in _log_partial[-1]:
+            return
+        *lines, rest = "".join(_log_partial).split("\n")
+        _log_partial[:] = [rest] if rest else []
+    for line in lines:
+        if line.strip():
+            cpp_log.debug("%s", line.rstrip())
+
 
 def default_threads() -> int:
     """Physical cores: hyper-threads slow llama.cpp's matrix kernels down."""
@@ -174,6 +221,7 @@ class LlamaBackend:
         (`_sequences`); scoring uses a small context of its own, made when first asked."""
         import llama_cpp
 
+        route_llama_logs()
         threads = threads or default_threads()
         if n_gpu_layers is None:
             n_gpu_layers = -1 if wants_gpu(resolved.target) else 0
