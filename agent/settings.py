@@ -180,8 +180,9 @@ class RuntimeSettings(_Section):
     context_length: int = Field(
         default=4096,
         ge=128,
-        description="Context window to load models with (capped by the model); a GGUF "
-        "model's concurrent requests share it.",
+        description="Context window to load models with (capped by the model); each of a "
+        "GGUF model's `parallel` concurrent sequences gets a window of its own (the KV "
+        "cache is sized for all of them, and selection counts that memory).",
     )
     max_tokens_ceiling: int = Field(
         default=2048,
