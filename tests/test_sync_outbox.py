@@ -256,3 +256,19 @@ def test_docs_protocol_md_carries_every_messages_schema() -> None:
     section = doc.split(schema.BEGIN, 1)[1].split(schema.END, 1)[0]
     assert section.strip() == schema.generated().strip(), (
         "docs/protocol.md is out of date: run `python -m fleet.schema docs/protocol.md`")
+
+
+def test_a_telemetry_snapshot_names_only_aliases_the_protocol_accepts(tmp_path: Path) -> None:
+    """A deployment's smoke test generates under the residency key "ALIAS#deploy": its
+    series must not reach the snapshot, whose model names the controller validates (one
+    such key made it reject the whole batch)."""
+    from agent.metrics import Metrics
+    from agent.sync.telemetry import snapshot
+
+    metrics = Metrics()
+    for key in ("smol", "smol#deploy"):
+        metrics.tokens_generated.labels(model=key).inc(5)
+    snap = snapshot(metrics, boot="b1", started=time.time(), loaded={"smol#deploy": 0},
+                    home=tmp_path, backlog={})
+    assert set(snap["models"]) == {"smol"}
+    assert messages.TelemetrySnapshot.model_validate(snap).models["smol"].tokens_generated == 5

@@ -95,6 +95,10 @@ def snapshot(
         m = model(alias)
         m["loaded"] = True
         m["queue_depth"] = depth
+    # Residency keys that are no alias (a deployment's smoke test loads its candidate as
+    # "ALIAS#deploy") are the device's own business: the protocol's model names cannot
+    # hold them, and one such key made the controller reject the whole batch.
+    models = {alias: m for alias, m in models.items() if "#" not in alias}
     errors: dict[str, int] = {}
     for _, labels, value in _samples(metrics, "edge_agent_errors_total"):
         errors[labels["code"]] = errors.get(labels["code"], 0) + int(value)
