@@ -309,3 +309,42 @@ def test_a_request_reaching_an_unloaded_engine_is_refused_not_left_waiting(
     assert engine is not None  # and the engine itself refuses a job once closed
     with pytest.raises(Stopping, match="unloaded"):
         engine.submit(SimpleNamespace(n=1))  # type: ignore[arg-type]
+
+
+def test_a_step_puts_its_sequences_in_sequence_id_order(paths: dict[str, Path]) -> None:
+    """With a KV stream per sequence, llama.cpp decodes a batch as one graph only when its
+    sequences come in consecutive id order (split_equal, sequential); otherwise it cuts
+    the step into several ubatches (four streams put in as 3, 2, 1, 0: four graphs, ~40%
+    slower a step). The second round's requests arrive in reverse and each takes the slot
+    holding its own cached prompt, so the engine's admission order is the slots' reverse:
+    every decode step must still list its sequences by id."""
+    from agent.runtime.llama import LlamaBackend
+
+    steps: list[list[int]] = []
+
+    async def body(b: Bench) -> None:
+        s = b.scheduler
+
+        def together(order: list[str]) -> Awaitable[list[Stream]]:
+            return asyncio.gather(*(Stream().read(s.generate(
+                ask("smol", q, max_tokens=8, ignore_eos=True).model_copy(
+                    update={"cache_prompt": True}))) for q in order))
+
+        await together(QUESTIONS)
+        resident = s.residency.get("smol")
+        assert resident is not None and isinstance(resident.backend, LlamaBackend)
+        engine = resident.backend.engine
+        assert engine is not None
+        decode = engine._decode
+
+        def spy(n: int) -> int:
+            batch = engine._batch
+            steps.append([batch.seq_id[i][0] for i in range(n)])
+            return decode(n)
+
+        engine._decode = spy  # type: ignore[method-assign]
+        await together(QUESTIONS[::-1])
+
+    run({"smol": paths["smol"]}, body)
+    assert any(len(set(ids)) == 4 for ids in steps), f"never four sequences a step: {steps}"
+    assert all(ids == sorted(ids) for ids in steps), steps  # prompt runs included

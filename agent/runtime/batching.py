@@ -300,24 +300,34 @@ class BatchEngine:
     # -- one step ------------------------------------------------------------------------
 
     def _fill(self) -> int:
-        """Put this step's tokens in the batch: one per generating sequence, then prompt
-        tokens up to one chunk (oldest request first). Returns the batch size."""
+        """Put this step's tokens in the batch: one per generating sequence, and prompt
+        tokens up to one chunk (the oldest request's first). Returns the batch size.
+
+        Sequences go in in sequence-id order: with a KV stream per sequence llama.cpp cuts
+        a batch into ubatches of consecutive sequence ids (split_equal, sequential), so
+        four streams put in as 2, 0, 3, 1 were decoded as two graphs a step, 40% slower
+        (measured: 38 ms a step instead of 27 for SmolLM2, once slots were reused out of
+        order)."""
         b = self._batch
         n = 0
         self._undo = [(c, len(c.slot.cached), c.fed) for c in self._choices]
-        for c in self._choices:
+        feed: dict[int, int] = {}  # id(choice) -> prompt tokens it feeds this step
+        budget = self.chunk
+        for c in self._choices:  # admission order: the oldest prompt first
             c.idx = -1
+            if c.last >= 0 or not c.leader or budget == 0:
+                continue
+            feed[id(c)] = take = min(budget, len(c.job.tokens) - c.fed)
+            budget -= take
+        for c in sorted(self._choices, key=lambda c: c.slot.seq):
             if c.last >= 0:
                 self._put(n, c.last, len(c.slot.cached), c.slot.seq, True)
                 c.slot.cached.append(c.last)
                 c.idx = n
                 n += 1
-        budget = self.chunk
-        for c in self._choices:
-            if c.last >= 0 or not c.leader or budget == 0:
                 continue
+            take = feed.get(id(c), 0)
             toks = c.job.tokens
-            take = min(budget, len(toks) - c.fed)
             for k in range(take):
                 pos = c.fed + k
                 last = pos == len(toks) - 1
@@ -327,7 +337,6 @@ class BatchEngine:
                 n += 1
             c.slot.cached.extend(toks[c.fed:c.fed + take])
             c.fed += take
-            budget -= take
         b.n_tokens = n
         return n
 
