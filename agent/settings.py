@@ -182,7 +182,7 @@ class RuntimeSettings(_Section):
         ge=128,
         description="Context window to load models with (capped by the model); each of a "
         "GGUF model's `parallel` concurrent sequences gets a window of its own (the KV "
-        "cache is sized for all of them, and selection counts that memory).",
+        "cache is sized for all of them, and the memory budget counts them at load).",
     )
     max_tokens_ceiling: int = Field(
         default=2048,
