@@ -24,14 +24,7 @@ $(STAMP): requirements.lock requirements-build.txt pyproject.toml
 	@# llama-cpp-python first, in a pip call of its own that shows pip's progress: without a
 	@# built wheel (installed, in pip's cache or in a wheelhouse) it compiles llama.cpp, the
 	@# one long step of the set-up, and one line says so before it starts.
-	@ver=$$(sed -n 's/^llama[-_.]cpp[-_.]python==//Ip' requirements.lock); n=$(CMAKE_BUILD_PARALLEL_LEVEL); \
-	if [ "$$($(PY) -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))' 2>/dev/null)" = "$$ver" ]; then :; \
-	elif $(PY) -m pip cache list "llama_cpp_python-$$ver-" --format=abspath 2>/dev/null | grep -q .; then \
-	  echo "edge-agent: installing llama-cpp-python $$ver from the wheel pip built earlier (seconds)"; \
-	else \
-	  echo "edge-agent: installing llama-cpp-python $$ver; unless a built wheel is found, pip compiles" \
-	       "llama.cpp from source now: about $$(( n < 11 ? (22 + n - 1) / n : 2 )) minutes on $$n cores, once per machine"; \
-	fi
+	@scripts/llama-cpp-note.sh $(PY) requirements.lock $(CMAKE_BUILD_PARALLEL_LEVEL)
 	$(PY) -m pip install --no-deps --no-compile --require-virtualenv $$(grep -iE '^llama[-_.]cpp[-_.]python==' requirements.lock)
 	$(PY) -m pip install --quiet --no-deps --no-compile --require-virtualenv -r requirements.lock
 	@# Byte code for every module, compiled on all cores (pip compiles one package at a time:
