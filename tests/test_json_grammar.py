@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from conftest_models import smollm2_gguf_path
+from test_openai_compat import SCHEMA
 
 from agent.runtime.json_grammar import (
     INTEGRAL_DIGITS,
@@ -190,17 +191,7 @@ def test_int_range_needs_a_bound() -> None:
         int_range(None, None)
 
 
-PERSON = {  # the schema of test_openai_compat's twenty requests
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "minLength": 1, "maxLength": 16},
-        "age": {"type": "integer", "minimum": 0, "maximum": 120},
-        "colour": {"enum": ["red", "green", "blue"]},
-        "tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "maxItems": 2},
-    },
-    "required": ["name", "age", "colour"],
-    "additionalProperties": False,
-}
+PERSON = SCHEMA  # the schema of test_openai_compat's twenty requests
 
 
 @pytest.mark.parametrize(("age", "ok"), [
