@@ -182,7 +182,8 @@ class RuntimeSettings(_Section):
         ge=128,
         description="Context window to load models with (capped by the model); each of a "
         "GGUF model's `parallel` concurrent sequences gets a window of its own (the KV "
-        "cache is sized for all of them, and the memory budget counts them at load).",
+        "cache is sized for all of them; variant selection counts them all in a variant's "
+        "estimate, which the memory budget holds it to at load).",
     )
     max_tokens_ceiling: int = Field(
         default=2048,
@@ -197,7 +198,8 @@ class RuntimeSettings(_Section):
         ge=1,
         le=64,
         description="Requests one GGUF model generates at once, batched into one decode "
-        "step (continuous batching); more wait in its queue. Also the most `n` choices.",
+        "step (continuous batching); more wait in its queue. Also the most `n` choices. "
+        "Each holds a KV window of `context_length`, which selection counts.",
     )
     prompt_chunk: int = Field(
         default=256,

@@ -1,12 +1,16 @@
 """The memory estimate of a variant (docs/selection.md §2), written once for any number of them.
 
 `estimate_facts(variants)` reads what the estimate needs from each variant into float64
-columns; `estimate_inputs(facts)` computes the policy-independent parts (bytes of weights,
-K and V elements cached per token, the model's own context); `estimate_parts(inputs,
-policy)` applies a policy: weights, KV cache and overhead in bytes. The selection engine,
-`registry.selection_index.VariantIndex`, runs the three over all its variants at once;
-`estimate_memory` runs them over one. So the estimate selection compares with a budget is,
-to the byte, `estimate_memory(v).total` (below 2**53 bytes; see below).
+columns (and whether it is GGUF); `estimate_inputs(facts)` computes the policy-independent
+parts (bytes of weights, K and V elements cached per token, the model's own context);
+`estimate_parts(inputs, policy)` applies a policy: weights, KV cache and overhead in bytes.
+A GGUF variant's KV cache is `policy.kv_windows` windows of whole bytes (llama.cpp gives
+each sequence it decodes at once a stream of the whole window; the agent sets the count
+from runtime.parallel, and to 1 for an embedding model, whose task the variants do not
+carry); an ONNX variant's is one window (onnxruntime-genai decodes one sequence at a time).
+The selection engine, `registry.selection_index.VariantIndex`, runs the three over all its
+variants at once; `estimate_memory` runs them over one. So the estimate selection compares
+with a budget is, to the byte, `estimate_memory(v).total` (below 2**53 bytes; see below).
 
 The arithmetic is float64, each part truncated to a whole number of bytes. It is exact while
 the numbers stay below 2**53 (8 PiB); beyond that it is float64-accurate (relative error
@@ -35,6 +39,7 @@ __all__ = [
     "KV_BYTES_PER_ELEMENT",
     "KV_FALLBACK_PER_SQRT_PARAM",
     "KV_FALLBACK_PER_TOKEN",
+    "BoolColumn",
     "EstimateInputs",
     "Facts",
     "FloatColumn",
@@ -48,6 +53,7 @@ __all__ = [
 ]
 
 FloatColumn = NDArray[np.float64]
+BoolColumn = NDArray[np.bool_]
 
 # Bytes per cached K or V element (llama.cpp's --cache-type-k/-v; q8_0/q4_0 include scales).
 KV_BYTES_PER_ELEMENT: dict[str, float] = {"f32": 4.0, "f16": 2.0, "q8_0": 1.0625, "q4_0": 0.5625}
@@ -78,6 +84,7 @@ class EstimateInputs(NamedTuple):
     kv_per_token: FloatColumn  # K and V elements cached per token
     context: FloatColumn  # the model's own context length; 0 or NaN: unknown
     bits_per_weight: FloatColumn  # as the estimate and the ranking use it; NaN: unknown
+    windowed: BoolColumn  # GGUF: its KV cache counts `policy.kv_windows` times
 
 
 def to_float(x: float | None) -> float:
@@ -104,7 +111,8 @@ class Facts(NamedTuple):
     """The facts of some variants the estimate reads, as float64 columns (NaN: not given).
 
     The fields are `VariantSpec`'s, except `table_bits_per_weight`: `BITS_PER_WEIGHT` of the
-    variant's quantization."""
+    variant's quantization, and `gguf`: whether its format is GGUF (a boolean column; the
+    runtime that holds a KV window per concurrent sequence)."""
 
     estimated_memory: FloatColumn
     file_size: FloatColumn
@@ -117,6 +125,7 @@ class Facts(NamedTuple):
     n_head: FloatColumn
     n_head_kv: FloatColumn
     head_dim: FloatColumn
+    gguf: BoolColumn
 
 
 # The model's architecture, shared by its variants: fetched in one C call per variant and
@@ -127,15 +136,21 @@ _ARCH = operator.itemgetter(
 
 
 def estimate_facts(
-    variants: Sequence[VariantSpec], table_bits_per_weight: FloatColumn | None = None
+    variants: Sequence[VariantSpec],
+    table_bits_per_weight: FloatColumn | None = None,
+    gguf: BoolColumn | None = None,
 ) -> Facts:
-    """The facts of `variants` the estimate reads. `table_bits_per_weight`, if the caller has
-    it, is `BITS_PER_WEIGHT` of each variant's quantization as a column."""
+    """The facts of `variants` the estimate reads. `table_bits_per_weight` and `gguf`, if the
+    caller has them (the selection engine has both from its codes, without a pass over the
+    variants), are `BITS_PER_WEIGHT` of each variant's quantization and whether its format
+    is GGUF, as columns."""
     facts: list[dict[str, Any]] = [v.__dict__ for v in variants]
     if table_bits_per_weight is None:
         table_bits_per_weight = float_column(
             [BITS_PER_WEIGHT.get(f["quantization"]) for f in facts]
         )
+    if gguf is None:
+        gguf = np.array([f["format"] == "gguf" for f in facts], dtype=np.bool_)
     seen: dict[tuple[Any, ...], int] = {}
     arch = np.array([seen.setdefault(k, len(seen)) for k in map(_ARCH, facts)], dtype=np.intp)
     params, ctx, layers, embd, heads, kv_heads, head_dim = (
@@ -146,7 +161,7 @@ def estimate_facts(
         for name in ("estimated_memory", "file_size", "bits_per_weight")
     )
     return Facts(given, size, own_bpw, table_bits_per_weight, params, ctx, layers, embd, heads,
-                 kv_heads, head_dim)
+                 kv_heads, head_dim, gguf)
 
 
 def estimate_inputs(facts: Facts) -> EstimateInputs:
@@ -177,20 +192,26 @@ def estimate_inputs(facts: Facts) -> EstimateInputs:
                 ) / 2,
             ),
         )
-    return EstimateInputs(f.estimated_memory, weights, per_token, f.context_length, bpw)
+    return EstimateInputs(f.estimated_memory, weights, per_token, f.context_length, bpw, f.gguf)
 
 
 def estimate_parts(
     inputs: EstimateInputs, policy: SelectionPolicy
 ) -> tuple[FloatColumn, FloatColumn, FloatColumn]:
     """(weights, KV cache, overhead) in whole bytes under `policy`; NaN or ±inf where the
-    variant cannot be estimated. A given `estimated_memory` is all weights."""
+    variant cannot be estimated. A given `estimated_memory` is all weights.
+
+    The KV cache of a GGUF variant is `policy.kv_windows` windows (one per sequence the
+    runtime decodes at once, each a stream of the whole context), so a variant that fits
+    with one window but not with the windows loading allocates is not chosen."""
     mem = policy.memory
     limit = to_float(policy.context_length)
     with np.errstate(all="ignore"):
         ctx = np.where((inputs.context > 0) & (inputs.context < limit), inputs.context, limit)
         weights = np.trunc(inputs.weights)
         kv = np.trunc(inputs.kv_per_token * ctx * KV_BYTES_PER_ELEMENT[policy.kv_cache_type])
+        if policy.kv_windows > 1:  # whole windows: n × one window's bytes, as llama.cpp has
+            kv = np.where(inputs.windowed, kv * float(policy.kv_windows), kv)
         overhead = np.trunc(to_float(mem.overhead_bytes) + mem.overhead_fraction * inputs.weights)
     given = ~np.isnan(inputs.given)
     if given.any():

@@ -212,7 +212,8 @@ class VariantIndex:
         self.names = tuple([r["name"] for r in rows])
         self._name_rank = None
         self.not_installed = ~np.array([r["installed"] for r in rows], dtype=np.bool_)
-        self.inputs = estimate_inputs(estimate_facts(self.variants, table_bpw))
+        gguf = np.array([k[0] == "gguf" for k in kinds], dtype=np.bool_)[kind]
+        self.inputs = estimate_inputs(estimate_facts(self.variants, table_bpw, gguf))
         bpw = self.inputs.bits_per_weight
         self.bpw_key = np.where(np.isnan(bpw), 99.0, bpw)
         measured = [r["measured"] for r in rows]
@@ -347,6 +348,7 @@ class _Judgment:
         self.ok = dev_ok[dev] & allowed[self.rule, index.quant]
 
         weights, kv, overhead = estimate_parts(index.inputs, policy)
+        self.kv = kv
         self.est = est = weights + kv + overhead
         self.known = np.isfinite(est)
         dev_budget = np.array([to_float(d.budget) for d in self.devices], dtype=np.float64)
@@ -423,28 +425,47 @@ class _Judgment:
             return reason
         if not self.known[i]:
             return _NO_ESTIMATE if self.unknown()[i] else _NOT_FINITE
-        return f"{_size(float(self.est[i]))} estimated > {_size(d.budget)} {d.budget_label}"
+        return (f"{_size(float(self.est[i]))} estimated{self.windows_note(i)} > "
+                f"{_size(d.budget)} {d.budget_label}")
+
+    def windows_note(self, i: int) -> str:
+        """' (KV cache 1.5 GB: 4 windows of 4096 tokens)' when row `i`'s estimate counts more
+        than one KV window, else '': the reader learns why a variant that would fit with one
+        does not (and what fewer concurrent sequences would save)."""
+        n = self.policy.kv_windows
+        if n == 1 or not self.index.inputs.windowed[i] or not self.kv[i] > 0:
+            return ""
+        own = float(self.index.inputs.context[i])
+        ctx = self.policy.context_length
+        ctx = int(own) if 0 < own < ctx else ctx
+        return f" (KV cache {_size(float(self.kv[i]))}: {n} windows of {ctx} tokens)"
 
     def unknown(self) -> NDArray[np.bool_]:
         """Rows without the facts for an estimate (others may be beyond float64's range)."""
         inputs = self.index.inputs
         return np.isnan(inputs.weights) & np.isnan(inputs.given)
 
-    def smallest(self) -> tuple[int, int] | None:
-        """(estimate, budget) of the row with the smallest estimate rejected only for size."""
+    def smallest_row(self) -> int | None:
+        """The row with the smallest estimate rejected only for size (the first of equal
+        estimates), or None."""
         over = np.flatnonzero(self.ok & self.known & ~self.fits)
         if not over.size:
             return None
-        i = int(over[np.argmin(self.est[over])])  # the first of equal estimates
-        return int(self.est[i]), self.device(i).budget
+        return int(over[np.argmin(self.est[over])])
+
+    def smallest(self) -> tuple[int, int] | None:
+        """(estimate, budget) of `smallest_row()`."""
+        i = self.smallest_row()
+        return None if i is None else (int(self.est[i]), self.device(i).budget)
 
     def no_fit_message(self, name: str, smallest: tuple[int, int] | None) -> str:
         if not len(self.index):
             return f"no variant of {name} to choose from"
-        if smallest is not None:
+        i = self.smallest_row()
+        if smallest is not None and i is not None:
             return (
-                f"no variant of {name} fits: smallest needs {_size(smallest[0])}, "
-                f"budget is {_size(smallest[1])}"
+                f"no variant of {name} fits: smallest needs {_size(smallest[0])}"
+                f"{self.windows_note(i)}, budget is {_size(smallest[1])}"
             )
         # one row per distinct (rule, quantization, device) and unknown-estimate kind
         index = self.index
@@ -481,6 +502,7 @@ class _Judgment:
                     policy, any_at_floor=not all(k[1] for k in keys),
                     floor_exists=self.floor_exists, alone=len(variants) == 1,
                     measured=m.chosen_reasons(ci, mkeys[0]),
+                    windows=self.windows_note(ci),
                 ),
             ))
             for n, (i, key) in enumerate(zip(rows[1:], keys[1:], strict=True), start=2):
@@ -661,9 +683,11 @@ def _chosen_reasons(
     floor_exists: bool = True,
     alone: bool = False,
     measured: tuple[str, ...] | None = None,
+    windows: str = "",
 ) -> tuple[str, ...]:
     """Why `v` won; `passed`: (name, reason) of the variants rejected on preferred devices;
-    `measured`: what benchmark results said, replacing the static preference.
+    `measured`: what benchmark results said, replacing the static preference; `windows`:
+    what of the estimate is KV windows, when it counts more than one.
     `any_at_floor`: a variant at or above min_quality fits (then on a later device);
     `floor_exists`: some variant is at or above it at all; `alone`: `v` is the only one."""
     q = _quality_text(v)
@@ -696,7 +720,8 @@ def _chosen_reasons(
         reasons.append(
             f"smallest estimate{floor}; none fits within {pct} of the {dev.budget_label}"
         )
-    reasons.append(f"{_size(key[5])} estimated of {_size(dev.budget)} {dev.budget_label}")
+    reasons.append(f"{_size(key[5])} estimated{windows} of {_size(dev.budget)} "
+                   f"{dev.budget_label}")
     if dev.cls != "cpu":
         reasons.append(f"runs on {v.target}; {dev.cls} comes first in device order")
     if passed:

@@ -158,6 +158,15 @@ class SelectionPolicy(_Strict):
     kv_cache_type: KvCacheType = Field(
         default="f16", description="Element type of the KV cache: f32, f16, q8_0 or q4_0."
     )
+    kv_windows: int = Field(
+        default=1, ge=1,
+        description=(
+            "KV windows of `context_length` a GGUF variant holds at once, one per concurrent "
+            "sequence; its KV cache counts this many times (ONNX variants hold one). The "
+            "agent sets it from runtime.parallel for a generating model, 1 for an embedding "
+            "model."
+        ),
+    )
     memory: MemoryPolicy = Field(
         default_factory=MemoryPolicy, description="Memory budget and estimate parameters."
     )

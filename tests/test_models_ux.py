@@ -21,14 +21,17 @@ SMOL_SHA = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 HW = Path(__file__).parent / "fixtures" / "hw"
 
 
-def cli(home: Path, *args: str, socket: Path | None = None) -> Result:
-    """`edge-agent ARGS` in-process against `home` (and the daemon on `socket`)."""
+def cli(home: Path, *args: str, socket: Path | None = None,
+        environ: dict[str, str] | None = None) -> Result:
+    """`edge-agent ARGS` in-process against `home` (and the daemon on `socket`), with the
+    settings in `environ` on top."""
     from agent.cli import main
 
     config = home.parent / f"{home.name}-empty.toml"  # never the machine's /etc config
     config.write_text("")
     env = {"EDGE_AGENT_HOME": str(home), "EDGE_AGENT_CONFIG": str(config),
-           "EDGE_AGENT_SOCKET": str(socket or home.parent / f"{home.name}-none.sock")}
+           "EDGE_AGENT_SOCKET": str(socket or home.parent / f"{home.name}-none.sock"),
+           **(environ or {})}
     return CliRunner().invoke(main, list(args), env=env)
 
 
@@ -83,6 +86,29 @@ def test_select_explains_a_model_that_is_not_installed(fresh: Path) -> None:
     verdicts = {ln.split()[0]: ln.split()[1] for ln in lines[2:]}
     assert verdicts["gguf-q4_k_m-cpu"] == "chosen"
     assert verdicts["gguf-f16-cpu"] == "rejected"  # 8.7 GB > the Pi's budget
+
+
+def test_select_counts_the_kv_windows_of_runtime_parallel(fresh: Path) -> None:
+    """Phi-4-mini's KV window of 4096 tokens is 0.5 GB; the daemon gives a GGUF variant
+    runtime.parallel (4) of them. On a 4 GB budget Q4_K_M fits with one (3.4 GB) but not
+    with four (5.0 GB): selection says so and picks the ONNX variant, which holds one."""
+    pi = ("--root", str(HW / "raspberry-pi-5"))
+    budget = {"EDGE_AGENT_RUNTIME__MEMORY_BUDGET_BYTES": "4000000000"}
+    out = cli(fresh, "models", "select", "phi4-mini", "--explain", *pi, environ=budget)
+    assert out.exit_code == 0, out.output
+    assert "this device would run onnx-int4-cpu (int4 on cpu)" in out.stdout
+    lines = {ln.split()[0]: ln.split(maxsplit=2)[2] for ln in out.stdout.splitlines()[2:]}
+    assert lines["gguf-q4_k_m-cpu"] == (
+        "5.0 GB estimated (KV cache 2.1 GB: 4 windows of 4096 tokens) > 4.0 GB budget")
+    assert "window" not in lines["onnx-int4-cpu"]
+    # one sequence at a time: one window, and Q4_K_M fits again
+    one = cli(fresh, "models", "select", "phi4-mini", "--explain", *pi,
+              environ={**budget, "EDGE_AGENT_RUNTIME__PARALLEL": "1"})
+    assert "would run gguf-q4_k_m-cpu" in one.stdout and "window" not in one.stdout
+    # the chosen variant's estimate names its windows too (the Pi's own budget)
+    roomy = cli(fresh, "models", "select", "phi4-mini", "--explain", *pi)
+    assert ("5.0 GB estimated (KV cache 2.1 GB: 4 windows of 4096 tokens) of 5.8 GB budget"
+            in roomy.stdout), roomy.stdout
 
 
 def test_select_explain_wording_with_a_single_variant(home: Path) -> None:

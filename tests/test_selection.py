@@ -585,6 +585,33 @@ def test_estimate_caps_context_and_follows_kv_type() -> None:
     assert q8 is not None and q8.kv_cache == pytest.approx(est_default.kv_cache * 1.0625 / 2)
 
 
+def test_estimate_counts_kv_windows_for_gguf_only() -> None:
+    """`kv_windows` multiplies a GGUF variant's KV cache (llama.cpp holds a window per
+    concurrent sequence), never an ONNX one's; weights and overhead do not change. Among
+    mixed formats the engine applies it row by row, to the byte of `estimate_memory`."""
+    phi = {v.name: v for v in specs("phi4-mini")}
+    gguf, onnx = phi["gguf-q4_k_m-cpu"], phi["onnx-int4-cpu"]
+    four = SelectionPolicy(kv_windows=4)
+    for v, windows in ((gguf, 4), (onnx, 1)):
+        one, est = estimate_memory(v, DEFAULT), estimate_memory(v, four)
+        assert one is not None and est is not None
+        assert one.kv_cache == 2 * 32 * 8 * 128 * 4096 * 2  # Phi-4-mini: 512 MiB a window
+        assert est == (one.weights, windows * one.kv_cache, one.overhead), v.name
+    # each window is whole bytes: an odd per-window figure (q8_0) multiplies, not rounds
+    q8 = SelectionPolicy(kv_cache_type="q8_0", kv_windows=3)
+    odd = gguf.model_copy(update={"n_layers": 1, "n_head_kv": 1, "head_dim": 1,
+                                  "context_length": 7})
+    assert estimate_memory(odd, q8).kv_cache == 3 * int(2 * 7 * 1.0625)  # type: ignore[union-attr]
+    # the engine, over both formats at once, compares exactly these figures
+    sel = select([gguf, onnx], device("a100"), four.model_copy(update={"prefer": "quality"}))
+    by_name = {c.variant.name: c.estimated_memory for c in sel.candidates}
+    assert by_name == {v.name: estimate_memory(v, four).total  # type: ignore[union-attr]
+                       for v in (gguf, onnx)}
+    # a given estimate is taken at its word, windows or not
+    given = gguf.model_copy(update={"estimated_memory": 123})
+    assert estimate_memory(given, four) == (123, 0, 0)
+
+
 def test_estimate_fallbacks() -> None:
     bare = VariantSpec(model_alias="m", name="v", format="gguf", quantization="Q4_0",
                        parameter_count=4_000_000_000)

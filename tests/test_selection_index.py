@@ -354,6 +354,27 @@ def test_invariants_over_random_cases(seed: int) -> None:
     assert sum(seen.values()) == 3 * 2 * len(PROFILES)
 
 
+@pytest.mark.parametrize("seed", SEEDS[:4])
+def test_invariants_with_several_kv_windows(seed: int) -> None:
+    """The agent selects a generating model with `kv_windows = runtime.parallel`: every
+    invariant holds, every estimate is still `estimate_memory(v).total` (GGUF rows with the
+    windows, ONNX rows without), and a size rejection that the windows decide says so."""
+    rng = random.Random(2000 + seed)
+    noted = 0
+    for _, variants, name, policy, alias in random_cases(range(seed, seed + 1), sets=3,
+                                                         policies=2):
+        several = policy.model_copy(update={"kv_windows": 4})
+        check_invariants(variants, PROFILES[name], several, alias, rng, estimates=True)
+        out = judge(variants, PROFILES[name], several, alias)
+        for c in out.candidates:
+            own = [r for r in c.reasons if not r.startswith("falls back")]  # not others'
+            note = "4 windows of" in "; ".join(own)
+            noted += note
+            assert not note or (c.variant.format == "gguf"
+                                and c.variant.estimated_memory is None)
+    assert noted  # the windows were shown somewhere
+
+
 def test_the_random_cases_cover_every_outcome() -> None:
     """The generator reaches every outcome, so the invariants above are not vacuous."""
     seen: Counter[str] = Counter()

@@ -360,7 +360,7 @@ def _catalog_selection(
         raise ModelNotFound(f"no model named {alias!r} is installed or in the catalog "
                             "(`edge-agent models list --available` lists the catalog)")
     specs = resolver.measured(alias, list(entry.specs()))
-    sel = choose(specs, resolver.profile(), resolver.policy(), model_alias=alias)
+    sel = choose(specs, resolver.profile(), resolver.policy_for(entry.task), model_alias=alias)
     return sel, reachability(entry, fleet_link(ctx))
 
 

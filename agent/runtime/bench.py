@@ -148,7 +148,7 @@ def bench_variants(
     info, specs, templates = reg.installed(alias)
     todo = sorted((s for s in specs if s.name in names),
                   key=lambda s: (-quality_rank(s.quantization), s.name))
-    policy = resolver.policy()
+    policy = resolver.policy_for(info.task)  # its estimate counts the KV windows
     reference: list[list[float]] | None = None
     done = []
     for spec in todo:

@@ -641,8 +641,8 @@ def _sequences(llm: Any, n_seq: int, flash_attention: FlashAttention = "auto") -
     wherever free cells were, and attention over them rounds differently, so a greedy
     text generated beside others drifted from the one it gets alone (measured: token 13 of
     a SmolLM2 answer flipped). With a stream each, a sequence's logits are bit-identical
-    alone or batched. The cost is memory: `n_seq` full windows of KV (the resolver counts
-    them in the model's estimate).
+    alone or batched. The cost is memory: `n_seq` full windows of KV (selection counts
+    them in the model's estimate: agent.runtime.resolver `task_policy`).
 
     Flash attention "auto" is llama-server's default, and the [throughput] benchmark's
     baseline runs with it: on this 2-core CPU it decoded 15-25% faster (SmolLM2, 1 and 4

@@ -2,9 +2,12 @@
 registry's variants, plus the one memory budget that selection and residency share.
 
 The selection policy the device applies is the policy file with the agent's own memory
-setting folded in (`effective_policy`): the file may lower the budget, never raise it. The
-hardware profile is detected once; the runtime probe (which imports llama.cpp and ONNX
-Runtime) is deferred to the first selection, so an idle daemon never pays for it.
+setting folded in (`effective_policy`): the file may lower the budget, never raise it. A
+model's variants are judged under `task_policy`: a generating model's GGUF variants with
+the `runtime.parallel` KV windows loading gives them, so what selection estimates is what
+the memory budget counts at load. The hardware profile is detected once; the runtime probe
+(which imports llama.cpp and ONNX Runtime) is deferred to the first selection, so an idle
+daemon never pays for it.
 """
 
 from __future__ import annotations
@@ -43,6 +46,18 @@ def effective_policy(policy: SelectionPolicy, runtime: RuntimeSettings) -> Selec
     return policy.model_copy(
         update={"memory": memory, "context_length": runtime.context_length}
     )
+
+
+def task_policy(policy: SelectionPolicy, runtime: RuntimeSettings, task: str) -> SelectionPolicy:
+    """`policy` for a model of `task`: a generating model's GGUF variants hold
+    `runtime.parallel` KV windows of the whole context (agent.runtime.llama `_sequences`),
+    an embedding model's one (it is loaded without sequences of its own). Selection then
+    judges a variant by what loading it allocates, and a variant that would fit with one
+    window but not with all of them is not chosen only to be refused at load."""
+    windows = 1 if task == "embedding" else runtime.parallel
+    if policy.kv_windows == windows:
+        return policy
+    return policy.model_copy(update={"kv_windows": windows})
 
 
 def selection_policy_path(settings: Settings) -> Path | None:
@@ -106,10 +121,17 @@ class ModelResolver:
             self._indexes.clear()
 
     def policy(self) -> SelectionPolicy:
+        """The device's policy (budget, context); variants of a model are judged under
+        `policy_for(task)`."""
         with self._lock:
             if self._policy is None:
                 self._policy = load_selection_policy(self.settings)
             return self._policy
+
+    def policy_for(self, task: str) -> SelectionPolicy:
+        """The policy a model of `task` is selected under (`task_policy`): its estimates
+        count the KV windows loading it allocates."""
+        return task_policy(self.policy(), self.settings.runtime, task)
 
     def memory_budget(self, total_memory: int) -> int:
         """Bytes loaded models may use in total: the same budget selection judges by
@@ -127,12 +149,13 @@ class ModelResolver:
         """Selection among this device's installed variants plus the catalog's."""
         from registry.catalog import load_catalog
 
-        installed = self.measured(alias, self.registry.variant_specs(alias))
+        info, specs, _ = self.registry.installed(alias)
+        installed = self.measured(alias, specs)
         names = {v.name for v in installed}
         entry = load_catalog().find(alias)
         extra = [s for s in entry.specs() if s.name not in names] if entry else []
         return self._index(alias, [*installed, *extra]).select(
-            self.profile(), self.policy(), model_alias=alias
+            self.profile(), self.policy_for(info.task), model_alias=alias
         )
 
     def fingerprint(self) -> str:
@@ -167,7 +190,7 @@ class ModelResolver:
             installed = pinned
         installed = self.measured(alias, installed)
         sel = self._index(f"installed:{alias}", installed).select(
-            self.profile(), self.policy(), model_alias=alias
+            self.profile(), self.policy_for(info.task), model_alias=alias
         )
         chosen = sel.chosen
         assert chosen.sha256 is not None  # installed variants always have their blob
@@ -183,14 +206,16 @@ class ModelResolver:
 
             raise ModelNotFound(f"{alias} has no installed variant {variant!r}")
         sel = self._index(f"variant:{alias}:{variant}", [spec]).select(
-            self.profile(), self.policy(), model_alias=alias)
+            self.profile(), self.policy_for(info.task), model_alias=alias)
         return self.resolved(info, spec, templates.get(variant), sel.estimated_memory)
 
     def resolved(
         self, info: ModelInfo, chosen: VariantSpec, chat_template: str | None,
         estimated_memory: int,
     ) -> ResolvedModel:
-        """What loading `chosen` needs (its files side by side when it has side files)."""
+        """What loading `chosen` needs (its files side by side when it has side files).
+        `estimated_memory` is what the memory budget counts for it: selection's estimate
+        under `policy_for(info.task)`, which counts its KV windows already."""
         alias = info.alias
         assert chosen.sha256 is not None
         vinfo = next((v for v in info.variants if v.name == chosen.name), None)
@@ -198,15 +223,6 @@ class ModelResolver:
             path = self.registry.materialize(alias, chosen.name)
         else:
             path = self.registry.store.path(chosen.sha256)
-        parallel = self.settings.runtime.parallel
-        if chosen.format == "gguf" and info.task != "embedding" and parallel > 1:
-            # Each batching slot holds a KV stream of the whole window (agent.runtime.llama);
-            # selection judged the variant with one.
-            from registry.selection_estimate import estimate_memory
-
-            est = estimate_memory(chosen, self.policy())
-            if est is not None:
-                estimated_memory += (parallel - 1) * est.kv_cache
         return ResolvedModel(
             alias=alias,
             variant=chosen.name,

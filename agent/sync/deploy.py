@@ -363,7 +363,9 @@ class DeployManager:
                              quantization=v.quantization, target=v.target, file_size=v.size,
                              sha256=v.sha256, installed=self._installed(model.alias, v))
                  for v in model.variants]
-        sel = VariantIndex(specs).select(self.resolver.profile(), self.resolver.policy(),
+        # judged with the KV windows loading allocates, as the resolver judges it afterwards
+        sel = VariantIndex(specs).select(self.resolver.profile(),
+                                         self.resolver.policy_for(model.task),
                                          model_alias=model.alias)
         chosen = next(v for v in model.variants if v.name == sel.chosen.name)
         return chosen, "; ".join(sel.chosen_candidate.reasons)
