@@ -564,10 +564,22 @@ def test_kill_during_deployment_install(tmp_path: Path, pki: Pki, smollm2_gguf: 
         limits=Limits(disk_reserve_bytes=0))
     document = tmp_path / "desired.json"
     document.write_bytes(sign(doc, signing, public_key_id(signing.public_key())))
-    window = 0.8  # seconds from the last download step to `installed`; measured below
+    # Seconds from the first download step to `installed`, from one run left alone (its
+    # markers are read as they come, so their times are true; a killed run's markers after
+    # the kill are read late). The kills then land inside it: on a fast machine the whole
+    # install takes ~0.1 s, and a fixed guess (0.8 s) let every kill land after it.
+    calibration = z.run(["deploy", str(copy_home(template, tmp_path / "calibrate")),
+                         str(document)], child_env(tmp_path / "calibrate"), None)
+    first: dict[str, float] = {}
+    for when, text in calibration.lines:
+        if text.startswith("step "):
+            first.setdefault(text.split()[1], when)
+    window = first["installed"] - first["downloading"]
+    assert window > 0, calibration.lines
+    shutil.rmtree(tmp_path / "calibrate")
     for i in range(iterations("deploy")):
         home = copy_home(template, tmp_path / f"home-{i}")
-        delay = r.uniform(0, window)
+        delay = r.uniform(0, 0.9 * window)
 
         def kill_at(lines: list[tuple[float, str]], delay: float = delay) -> float | None:
             return delay if lines[-1][1].startswith("step downloading") else None
@@ -579,9 +591,6 @@ def test_kill_during_deployment_install(tmp_path: Path, pki: Pki, smollm2_gguf: 
         rep.mid += mid_install
         print(f"deploy #{i}: kill {delay:.2f}s after the download step, steps seen {steps}, "
               f"rc {run.rc}")
-        times = {t.split()[1]: when for when, t in run.lines if t.startswith("step ")}
-        if "installed" in times:
-            window = times["installed"] - times["downloading"]
         left = left_behind(home) or ["nothing"]
         rep.left.update(left)
         problems = integrity(home) + audit_ok(home)
