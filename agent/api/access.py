@@ -35,7 +35,7 @@ from agent.security.authz import Decision, authorize
 from agent.security.identity import Subject, token_subject
 from agent.security.service import Security
 from agent.security.tokens import TOKEN_PREFIX
-from agent.server import peer_credentials
+from agent.server import peer_credentials, peer_name
 from agent.terminal import printable
 from registry.service import ALIAS_RE, ALIAS_RULE
 
@@ -134,11 +134,6 @@ def access_middleware(security: Security) -> Middleware:
     admit = security.admit
     deny = security.deny
 
-    def peer_of(request: web.Request) -> str:
-        """Who is on the other end, for counting repeats: the kernel's uid, else the address."""
-        cred = peer_credentials(request)
-        return f"uid:{cred.uid}" if cred is not None else f"addr:{request.remote}"
-
     async def authenticate(request: web.Request, spec: RouteSpec) -> Subject:
         cred = peer_credentials(request)
         token = _bearer(request)
@@ -152,7 +147,7 @@ def access_middleware(security: Security) -> Middleware:
             return ids.subject(cred)
         if tokens is None:
             raise _auth_error("API tokens are not enabled", "invalid_token")
-        peer = f"uid:{cred.uid}" if cred is not None else f"addr:{request.remote}"
+        peer = peer_name(request)
         try:
             info = await tokens.averify(token, peer)
         except TokenError as exc:
@@ -205,7 +200,7 @@ def access_middleware(security: Security) -> Middleware:
         resource = f"model:{model}" if model else _bounded_path(request.path)
         if not decision.allowed:
             admit()  # a denial the log cannot take is a 503, not an unrecorded 403
-            deny(peer_of(request), f"{request.method} {spec.path}", subject, spec.permission,
+            deny(peer_name(request), f"{request.method} {spec.path}", subject, spec.permission,
                  resource, "denied",
                  {"method": request.method, "path": _bounded_path(request.path),
                   "reason": decision.reason, "status": 403})
