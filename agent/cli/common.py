@@ -13,7 +13,7 @@ import sys
 import tempfile
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -28,7 +28,7 @@ from registry.errors import RegistryError
 if TYPE_CHECKING:
     from agent.cli.discovery import Located
     from agent.client import AgentClient
-    from localdb import Database
+    from localdb import Database, StateDir
     from registry.service import Registry
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -189,22 +189,15 @@ def registry(ctx: Context, *, create: bool = False) -> Iterator[Registry]:
     not leave a database and a store behind in a home nobody chose (issue 15)."""
     from registry.service import open_registry
 
-    state = ctx.settings.state
-    if create:
-        _say_where(ctx, "installing into")
-    elif not state.db.is_file():
-        with tempfile.TemporaryDirectory(prefix="edge-agent-empty-") as empty:
-            reg = open_registry(Path(empty))
-            try:
-                yield reg
-            finally:
-                reg.close()
-        return
-    reg = open_registry(state)
-    try:
+    with ExitStack() as stack:
+        home: StateDir | Path = ctx.settings.state
+        if create:
+            _say_where(ctx, "installing into")
+        elif not ctx.settings.state.db.is_file():
+            home = Path(stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="edge-agent-empty-")))
+        reg = stack.enter_context(closing(open_registry(home)))
         yield reg
-    finally:
-        reg.close()
 
 
 def _say_where(ctx: Context, doing: str) -> None:
