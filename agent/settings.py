@@ -353,6 +353,12 @@ class SyncSettings(_Section):
         default=10.0, ge=0.1, description="How often the flush job retries while connected."
     )
     gc_seconds: float = Field(default=86_400.0, ge=60, description="Blob garbage collection.")
+    background_nice: int = Field(
+        default=10, ge=0, le=19, description="How much lower than serving a deployment's "
+        "download, verification and install run (nice increment of their thread; 0: same "
+        "priority). Serving comes first: on a small device a download at the same priority "
+        "stalled requests for seconds."
+    )
 
 
 class LoggingSettings(_Section):

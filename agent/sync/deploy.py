@@ -22,12 +22,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import func, select
 
 from agent.sync import enroll
+from agent.sync.background import Background, check
 from agent.sync.outbox import Outbox
 from agent.sync.tables import Deployment
 from fleet.deploy import (
@@ -131,6 +134,7 @@ class DeployManager:
         self.bytes_moved = 0  # over the agent's life (all downloads)
         self._moved: dict[str, int] = {}  # per artifact (sha256), this attempt
         self._started: dict[str, float] = {}
+        self.background = Background(settings.sync.background_nice)
         scheduler.failures.append(self._on_failure)
 
     # -- lifecycle --------------------------------------------------------------------
@@ -145,6 +149,7 @@ class DeployManager:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        self.background.close()
 
     def received(self, raw: bytes) -> None:
         """A document arrived on `<device>/desired` (on the loop)."""
@@ -335,15 +340,19 @@ class DeployManager:
                 self.report(state.deployment, state.version, "verifying", model.alias, v.name)
                 # Imported from the download itself, which the registry deletes only once
                 # the variant is recorded: a crash on the way leaves it to resume from.
-                await asyncio.to_thread(
-                    self.registry.import_file, path, alias=model.alias, move=True,
-                    expected_sha256=v.sha256, task=model.task, source="deploy",
-                    variant=(v.name, v.target), file_name=v.file)
+                await self.background.run(self._import, path, model, v)
                 self.report(state.deployment, state.version, "installed", model.alias, v.name,
                             bytes_moved=self._moved.pop(v.sha256, 0))
             else:
                 await asyncio.to_thread(self._drop_download, v)
         await self._switch(state, model, chosen)
+
+    def _import(self, stop: threading.Event, path: Path, model: ModelDoc,
+                v: VariantDoc) -> None:
+        """The registry takes the download (deployment thread: it hashes the file again)."""
+        self.registry.import_file(path, alias=model.alias, move=True, expected_sha256=v.sha256,
+                                  task=model.task, source="deploy",
+                                  variant=(v.name, v.target), file_name=v.file)
 
     def _drop_download(self, v: VariantDoc) -> None:
         """An installed variant's download, if a crash came between its record and its
@@ -395,7 +404,7 @@ class DeployManager:
                 await self._https(state, model, v, part)
             else:
                 await self._mqtt(state, model, v, part)
-            digest = await asyncio.to_thread(_sha256_of, part)
+            digest = await self.background.run(_sha256_of, part)
             if digest != v.sha256:
                 raise ArtifactRejected(f"sha256 mismatch: got {digest}, the document says "
                                        f"{v.sha256}")
@@ -441,29 +450,17 @@ class DeployManager:
 
     async def _https(self, state: DesiredState, model: ModelDoc, v: VariantDoc,
                      part: Path) -> None:
-        """GET with Range from where the last attempt stopped; retried with backoff."""
+        """GET with Range from where the last attempt stopped; retried with backoff. Each
+        attempt runs on the low-priority deployment thread (`agent.sync.background`)."""
         import httpx
 
         assert v.source.https is not None
         delay = 1.0
         ctx = await asyncio.to_thread(self._tls)
         while True:
-            have = part.stat().st_size if part.exists() else 0
-            if have == v.size:
-                return
-            if have > v.size:
-                part.unlink()
-                have = 0
-            headers = {"Range": f"bytes={have}-"} if have else {}
             try:
-                async with httpx.AsyncClient(verify=ctx, timeout=30) as client, \
-                        client.stream("GET", v.source.https, headers=headers) as resp:
-                    if resp.status_code == 200 and have:
-                        have = 0  # the server ignored the Range: start over
-                        part.unlink(missing_ok=True)
-                    elif resp.status_code not in (200, 206):
-                        raise RuntimeError(f"artifact server answered {resp.status_code}")
-                    await self._write_stream(state, model, v, part, have, resp.aiter_bytes())
+                await self.background.run(self._get, v.source.https, ctx, state, model, v, part,
+                                          asyncio.get_running_loop())
                 return
             except (httpx.TransportError, OSError) as exc:
                 if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
@@ -473,30 +470,50 @@ class DeployManager:
                 await asyncio.sleep(delay)  # backoff before the retry, not synchronisation
                 delay = min(60.0, delay * 2)
 
-    async def _write_stream(self, state: DesiredState, model: ModelDoc, v: VariantDoc,
-                            part: Path, have: int, chunks: Any) -> None:
-        limit = state.limits.bandwidth_bytes_per_s
-        t0, sent0 = time.monotonic(), have
-        next_report = (int(have * 10 / v.size) + 1) * 10
-        with part.open("ab" if have else "wb") as f:
-            async for data in chunks:
-                if have + len(data) > v.size:
-                    raise ArtifactRejected(f"the artifact is larger than the declared {v.size} "
-                                           "bytes")
-                await asyncio.to_thread(f.write, data)
-                have += len(data)
-                self._count(v, len(data))
-                pct = have * 100 / v.size
-                if pct >= next_report:
-                    next_report += 10
-                    self.report(state.deployment, state.version, "downloading", model.alias,
-                                v.name, percent=round(pct, 1))
-                if limit:  # the bandwidth cap: never ahead of `limit` bytes per second
-                    ahead = (have - sent0) / limit - (time.monotonic() - t0)
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
-            f.flush()
-            os.fsync(f.fileno())
+    def _get(self, stop: threading.Event, url: str, ctx: ssl.SSLContext, state: DesiredState,
+             model: ModelDoc, v: VariantDoc, part: Path, loop: asyncio.AbstractEventLoop) -> None:
+        """One attempt (deployment thread): append to `part` from where it ends, bounded by
+        the declared size and the bandwidth cap; progress goes to the loop."""
+        import httpx
+
+        have = part.stat().st_size if part.exists() else 0
+        if have == v.size:
+            return
+        if have > v.size:
+            part.unlink()
+            have = 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with httpx.Client(verify=ctx, timeout=30) as client, \
+                client.stream("GET", url, headers=headers) as resp:
+            if resp.status_code == 200 and have:
+                have = 0  # the server ignored the Range: start over
+                part.unlink(missing_ok=True)
+            elif resp.status_code not in (200, 206):
+                raise RuntimeError(f"artifact server answered {resp.status_code}")
+            limit = state.limits.bandwidth_bytes_per_s
+            t0, sent0 = time.monotonic(), have
+            next_report = (int(have * 10 / v.size) + 1) * 10
+            with part.open("ab" if have else "wb") as f:
+                for data in resp.iter_bytes():
+                    check(stop)
+                    if have + len(data) > v.size:
+                        raise ArtifactRejected(f"the artifact is larger than the declared "
+                                               f"{v.size} bytes")
+                    f.write(data)
+                    have += len(data)
+                    loop.call_soon_threadsafe(self._count, v, len(data))
+                    pct = have * 100 / v.size
+                    if pct >= next_report:
+                        next_report += 10
+                        loop.call_soon_threadsafe(functools.partial(
+                            self.report, state.deployment, state.version, "downloading",
+                            model.alias, v.name, percent=round(pct, 1)))
+                    if limit:  # the bandwidth cap: never ahead of `limit` bytes per second
+                        ahead = (have - sent0) / limit - (time.monotonic() - t0)
+                        if ahead > 0 and stop.wait(ahead):
+                            check(stop)
+                f.flush()
+                os.fsync(f.fileno())
 
     def _count(self, v: VariantDoc, n: int) -> None:
         self.bytes_moved += n
@@ -533,7 +550,7 @@ class DeployManager:
             m = box.manifest
             if m.sha256 != v.sha256 or m.size != v.size:
                 raise RuntimeError("the artifact manifest does not match the document")
-            done = await asyncio.to_thread(_chunks_present, part, m)
+            done = await self.background.run(_chunks_present, part, m)
             todo = [i for i in range(len(m.chunks)) if i not in done]
             with part.open("r+b" if part.exists() else "w+b") as f:
                 f.truncate(m.size)
@@ -562,14 +579,14 @@ class DeployManager:
                     while pending - set(box.got):
                         box.event.clear()
                         await box.event.wait()
-            for i in sorted(pending & set(box.got)):
-                data = box.got.pop(i)
+            arrived = {i: box.got.pop(i) for i in sorted(pending & set(box.got))}
+            for i in arrived:
                 link.unsubscribe(topics[i])
-                if hashlib.sha256(data).hexdigest() != m.chunks[i]:
+            written = await self.background.run(_write_chunks, f, m, arrived)
+            for i, data in arrived.items():
+                if i not in written:
                     log.warning("chunk %d of %s failed its check; asking again", i, v.name)
                     continue
-                f.seek(i * m.chunk_size)
-                f.write(data)
                 pending.discard(i)
                 self._count(v, len(data))
                 await self._pace(state, v)
@@ -783,21 +800,38 @@ def _in_window(state: DesiredState, now: datetime) -> bool:
     return False
 
 
-def _sha256_of(path: Path) -> str:
+def _sha256_of(stop: threading.Event, path: Path) -> str:
+    """The file's digest (deployment thread; stops when the deployment is cancelled)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         while data := f.read(1 << 20):
+            check(stop)
             h.update(data)
     return h.hexdigest()
 
 
-def _chunks_present(part: Path, m: ArtifactManifest) -> set[int]:
+def _write_chunks(stop: threading.Event, f: Any, m: ArtifactManifest,
+                  arrived: dict[int, bytes]) -> set[int]:
+    """Check each arrived chunk against the manifest and write the good ones in place
+    (deployment thread); the numbers written."""
+    written = set()
+    for i, data in arrived.items():
+        check(stop)
+        if hashlib.sha256(data).hexdigest() == m.chunks[i]:
+            f.seek(i * m.chunk_size)
+            f.write(data)
+            written.add(i)
+    return written
+
+
+def _chunks_present(stop: threading.Event, part: Path, m: ArtifactManifest) -> set[int]:
     """Chunks already in the partial file that match the manifest (a resumed download)."""
     if not part.exists():
         return set()
     done = set()
     with part.open("rb") as f:
         for i, expected in enumerate(m.chunks):
+            check(stop)
             f.seek(i * m.chunk_size)
             data = f.read(m.chunk_size)
             if data and hashlib.sha256(data).hexdigest() == expected:
