@@ -135,6 +135,10 @@ class RuntimeInfo(_Frozen):
     llama_backends: tuple[str, ...] = Field(
         default=(), description="cuda, metal, vulkan, rocm, ..."
     )
+    llama_cpu_features: tuple[str, ...] = Field(
+        default=(), description="CPU features llama.cpp's CPU backend was compiled for (as "
+        "CpuInfo.features names them); a CPU lacking one would stop it with SIGILL."
+    )
     onnxruntime_version: str | None = None
     onnx_providers: tuple[str, ...] = Field(default=(), description="get_available_providers()")
     backends: tuple[str, ...] | None = Field(
@@ -144,6 +148,14 @@ class RuntimeInfo(_Frozen):
             "None: not known, not checked."
         ),
     )
+
+
+def llama_features_missing(cpu: CpuInfo, runtimes: RuntimeInfo) -> tuple[str, ...]:
+    """CPU features the llama.cpp build needs that `cpu` lacks (none when either side is
+    unknown: a tree without a cpuinfo, a runtime without a system info)."""
+    if not cpu.features:
+        return ()
+    return tuple(f for f in runtimes.llama_cpu_features if f not in cpu.features)
 
 
 class HardwareProfile(_Frozen):

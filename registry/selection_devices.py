@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from registry.profile import GpuInfo, HardwareProfile
+from registry.profile import GpuInfo, HardwareProfile, llama_features_missing
 from registry.selection_policy import DeviceClass, SelectionPolicy
 
 __all__ = [
-    "MEMORY_UNKNOWN", "DeviceVerdict", "device_class", "judge_device", "memory_budget",
-    "system_budget",
+    "MEMORY_UNKNOWN", "DeviceVerdict", "device_class", "judge_device", "llama_build_mismatch",
+    "memory_budget", "system_budget",
 ]
 
 _GPU_TARGETS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -126,7 +126,17 @@ def judge_device(
     if backends is not None and fmt not in backends and verdict.cls in policy.device_order:
         have = ", ".join(backends) or "none"
         return verdict._replace(reason=f"no {fmt} backend in this agent (available: {have})")
+    if fmt == "gguf" and verdict.cls in policy.device_order and \
+            (missing := llama_features_missing(profile.cpu, profile.runtimes)):
+        return verdict._replace(reason=llama_build_mismatch(missing))
     return verdict
+
+
+def llama_build_mismatch(missing: tuple[str, ...]) -> str:
+    """Why GGUF cannot run: the llama.cpp build uses instructions this CPU lacks."""
+    return (f"llama.cpp here was built for CPU features this CPU lacks ({', '.join(missing)}) "
+            "and would stop with SIGILL: install llama-cpp-python built for this CPU "
+            "(GGML_NATIVE=OFF, or built on a machine of this CPU)")
 
 
 def _judge_hardware(

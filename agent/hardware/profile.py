@@ -12,7 +12,13 @@ from agent.hardware.memory import detect_memory
 from agent.hardware.npu import detect_npus
 from agent.hardware.pci import pci_devices
 from agent.hardware.runtimes import detect_runtimes
-from registry.profile import GpuInfo, HardwareProfile, NpuInfo, RuntimeInfo
+from registry.profile import (
+    GpuInfo,
+    HardwareProfile,
+    NpuInfo,
+    RuntimeInfo,
+    llama_features_missing,
+)
 
 
 def detect(root: Path = Path("/"), *, probe_runtimes: bool = True) -> HardwareProfile:
@@ -105,6 +111,8 @@ def summary(profile: HardwareProfile) -> str:
     if rt.llama_cpp_version:
         offload = f"GPU offload via {', '.join(rt.llama_backends) or 'a GPU backend'}"
         llama = f"{rt.llama_cpp_version} ({offload if rt.llama_gpu_offload else 'CPU only'})"
+        if missing := llama_features_missing(profile.cpu, rt):
+            llama += f"; NOT USABLE: built for CPU features this CPU lacks ({', '.join(missing)})"
     ort = "not installed"
     if rt.onnxruntime_version:
         ort = f"{rt.onnxruntime_version} ({', '.join(rt.onnx_providers) or 'no providers'})"

@@ -31,6 +31,35 @@ def _llama_backends(system_info: str) -> tuple[str, ...]:
     return tuple(sorted(found))
 
 
+# llama.cpp's CPU feature names (its system info) → the CPU's, as CpuInfo.features names
+# them. ARM_FMA, SVE_CNT, LLAMAFILE, OPENMP, REPACK and the like are not instructions.
+_LLAMA_CPU_FEATURES = {
+    "SSE3": "sse3", "SSSE3": "ssse3", "AVX": "avx", "AVX_VNNI": "avx_vnni", "AVX2": "avx2",
+    "F16C": "f16c", "FMA": "fma", "BMI2": "bmi2", "AVX512": "avx512f",
+    "AVX512_VBMI": "avx512vbmi", "AVX512_VNNI": "avx512_vnni", "AVX512_BF16": "avx512_bf16",
+    "AMX_INT8": "amx_int8", "NEON": "neon", "FP16_VA": "fp16", "DOTPROD": "dotprod",
+    "MATMUL_INT8": "i8mm", "SVE": "sve", "SME": "sme",
+}
+
+
+def llama_cpu_features(system_info: str) -> tuple[str, ...]:
+    """The CPU features llama.cpp's CPU backend was compiled for, from its system info
+    (`CPU : SSE3 = 1 | AVX = 1 | ...`; other backends' sections are skipped). A build made
+    with -march=native on one machine uses them anywhere; on a CPU without one it stops
+    with SIGILL. A build with runtime CPU variants reports the variant it loaded."""
+    found: set[str] = set()
+    section = ""
+    for part in system_info.split("|"):
+        head, colon, rest = part.partition(":")
+        if colon and "=" not in head:  # "CPU : SSE3 = 1": a backend's section starts
+            section, part = head.strip().upper(), rest
+        name, eq, value = part.partition("=")
+        if section == "CPU" and eq and value.strip() == "1" and \
+                (feature := _LLAMA_CPU_FEATURES.get(name.strip().upper())) is not None:
+            found.add(feature)
+    return tuple(sorted(found))
+
+
 def _import(name: str) -> Any:
     try:
         return importlib.import_module(name)
@@ -49,6 +78,7 @@ def probe_runtimes() -> RuntimeInfo:
             raw = llama.llama_print_system_info()
             text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
             fields["llama_backends"] = _llama_backends(text)
+            fields["llama_cpu_features"] = llama_cpu_features(text)
     if (ort := _import("onnxruntime")) is not None:
         fields["onnxruntime_version"] = str(getattr(ort, "__version__", "")) or None
         with contextlib.suppress(Exception):

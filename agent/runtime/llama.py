@@ -11,6 +11,7 @@ else the caller's (tests and tools drive `generate`, which steps the engine itse
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import re
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from agent.errors import (
@@ -56,6 +58,25 @@ def extra_buffers_are_safe() -> bool:
     import llama_cpp
 
     return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+
+
+@functools.cache
+def cpu_features_missing() -> tuple[str, ...]:
+    """CPU features this process's llama.cpp was compiled for that the CPU it runs on
+    lacks. A wheel built with -march=native on a newer machine (a wheelhouse's build
+    host) loads, then stops the daemon with SIGILL in its first matrix kernel; checked
+    before every load instead, against the live CPU (never a hardware tree under test)."""
+    import llama_cpp
+
+    from agent.hardware.cpu import detect_cpu, read_cpuinfo
+    from agent.hardware.devroot import DeviceRoot
+    from agent.hardware.runtimes import llama_cpu_features
+    from registry.profile import RuntimeInfo, llama_features_missing
+
+    live = DeviceRoot(Path("/"))
+    cpu = detect_cpu(live, read_cpuinfo(live))
+    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
+    return llama_features_missing(cpu, RuntimeInfo(llama_cpu_features=llama_cpu_features(info)))
 
 
 @contextmanager
@@ -221,6 +242,11 @@ class LlamaBackend:
         (`_sequences`); scoring uses a small context of its own, made when first asked."""
         import llama_cpp
 
+        if missing := cpu_features_missing():
+            from registry.selection_devices import llama_build_mismatch
+
+            raise ModelLoadFailed(f"model {resolved.alias}: cannot load variant "
+                                  f"{resolved.variant}: {llama_build_mismatch(missing)}")
         route_llama_logs()
         threads = threads or default_threads()
         if n_gpu_layers is None:
