@@ -61,6 +61,9 @@ def test_a_cancelled_job_stops_at_its_next_check_before_the_cancellation_returns
         assert await bg.run(lambda stop: "next") == "next"
         assert len(steps) == n
         bg.close()
+        # the link stopped and came back: the deployment thread starts again
+        assert await bg.run(lambda stop: "again") == "again"
+        bg.close()
 
     asyncio.run(main())
 

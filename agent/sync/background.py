@@ -53,8 +53,13 @@ class Background:
 
     def __init__(self, nice: int) -> None:
         self.nice = nice
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deploy-io",
-                                        initializer=lower_priority, initargs=(nice,))
+        self._pool: ThreadPoolExecutor | None = None  # started by the first job
+
+    def _worker(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="deploy-io",
+                                            initializer=lower_priority, initargs=(self.nice,))
+        return self._pool
 
     async def run(self, fn: Callable[Concatenate[threading.Event, P], T], /,
                   *args: P.args, **kwargs: P.kwargs) -> T:
@@ -63,7 +68,7 @@ class Background:
         `check`) and the cancellation waits for it to return, so nothing outlives it."""
         stop = threading.Event()
         fut = asyncio.get_running_loop().run_in_executor(
-            self._pool, lambda: fn(stop, *args, **kwargs))
+            self._worker(), lambda: fn(stop, *args, **kwargs))
         try:
             return await asyncio.shield(fut)
         except asyncio.CancelledError:
@@ -74,7 +79,10 @@ class Background:
             raise
 
     def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Let the thread go (the link stopped); a later job starts another."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 def check(stop: threading.Event) -> None:
