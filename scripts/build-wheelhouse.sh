@@ -17,6 +17,15 @@
 # lock changes (OUT/.lock-sha256); edge-agent's wheel is rebuilt every time, reproducibly
 # (SOURCE_DATE_EPOCH), so an unchanged tree gives a byte-identical wheel and the role
 # reinstalls the agent only when its code changed.
+#
+# llama.cpp is compiled for THIS machine's CPU (-march=native) unless LLAMA_CMAKE_ARGS says
+# otherwise: a wheel built on a Xeon with AVX-512 and AMX cannot run on a Core Ultra or an
+# Atom (the agent refuses GGUF there, naming the missing features). For a fleet of older
+# CPUs: LLAMA_CMAKE_ARGS="-DGGML_NATIVE=OFF" builds for x86-64-v3 (AVX2, FMA, F16C, BMI2),
+# add "-DGGML_AVX=OFF -DGGML_AVX2=OFF -DGGML_BMI2=OFF -DGGML_FMA=OFF -DGGML_F16C=OFF" for
+# x86-64-v2; on arm64 "-DGGML_NATIVE=OFF -DGGML_CPU_ARM_ARCH=armv8.2-a+dotprod+fp16" (a
+# Cortex-A76/A78) or "=armv8-a" (any). That wheel is compiled here with pip's cache off
+# (pip keys its cache by the sdist, not by the flags) and kept per flag set.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -30,7 +39,8 @@ out=$(cd "$out" && pwd)
 grep -iE '^psycopg(-binary)?==' "$root/requirements.lock" > "$out/controller.lock"
 cp "$lock" "$out/requirements-runtime.lock"
 
-want=$(cat "$lock" "$out/controller.lock" | sha256sum | cut -d' ' -f1)
+llama_args=${LLAMA_CMAKE_ARGS:-}
+want=$( (cat "$lock" "$out/controller.lock"; echo "llama: $llama_args") | sha256sum | cut -d' ' -f1)
 # The third-party wheels depend only on the lock, the architecture and the Python: kept per
 # user beside pip's cache too, so a fresh clone (CI, a second checkout) copies them instead
 # of asking pip again (~20 s). EDGE_AGENT_WHEEL_CACHE=none turns that off.
@@ -44,8 +54,20 @@ if [[ "$(cat "$out/.lock-sha256" 2>/dev/null)" != "$want" ]]; then
         cp "$cache"/*.whl "$out"/
     else
         echo "build-wheelhouse: third-party wheels for $(uname -m) into $out" >&2
-        "$py" -m pip wheel --quiet --no-deps --wheel-dir "$out" \
-            -r "$out/requirements-runtime.lock" -r "$out/controller.lock"
+        if [[ -n "$llama_args" ]]; then
+            llama=$(grep -iE '^llama[-_.]cpp[-_.]python==' "$lock")
+            echo "build-wheelhouse: compiling $llama with CMAKE_ARGS=$llama_args" >&2
+            CMAKE_ARGS="$llama_args" "$py" -m pip wheel --quiet --no-deps --no-cache-dir \
+                --no-binary llama-cpp-python --wheel-dir "$out" "$llama"
+            grep -viE '^llama[-_.]cpp[-_.]python==' "$out/requirements-runtime.lock" \
+                > "$out/.others.lock"
+            "$py" -m pip wheel --quiet --no-deps --wheel-dir "$out" \
+                -r "$out/.others.lock" -r "$out/controller.lock"
+            rm -f "$out/.others.lock"
+        else
+            "$py" -m pip wheel --quiet --no-deps --wheel-dir "$out" \
+                -r "$out/requirements-runtime.lock" -r "$out/controller.lock"
+        fi
         if [[ "$cache_root" != none ]] && mkdir -p "$cache_root" 2>/dev/null; then
             part=$(mktemp -d "$cache_root/.part-XXXXXX")
             find "$out" -maxdepth 1 -name '*.whl' ! -name 'edge_agent-*' -exec cp {} "$part"/ \;
