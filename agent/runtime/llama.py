@@ -48,6 +48,17 @@ log = logging.getLogger(__name__)
 _PARAMS_LOCK = threading.Lock()
 
 
+@functools.cache
+def build_cpu_features() -> tuple[str, ...]:
+    """The CPU features this process's llama.cpp was compiled for (its system info, read
+    once), as CpuInfo.features names them."""
+    import llama_cpp
+
+    from agent.hardware.runtimes import llama_cpu_features
+
+    return llama_cpu_features(llama_cpp.llama_print_system_info().decode("utf-8", "replace"))
+
+
 def extra_buffers_are_safe() -> bool:
     """Whether llama.cpp may repack weights into its extra CPU buffer types. Not where the
     build uses Intel AMX: its matrix kernel (`ggml_backend_amx_mul_mat`) segfaults on the
@@ -55,9 +66,7 @@ def extra_buffers_are_safe() -> bool:
     vendored llama.cpp of llama-cpp-python 0.3.36; upstream ggml-org/llama.cpp#20824, closed
     unfixed). The daemon would die on the first concurrent request; the AVX-512 kernels it
     falls back to serve the same GGUF correctly."""
-    import llama_cpp
-
-    return b"AMX_INT8 = 1" not in llama_cpp.llama_print_system_info()
+    return "amx_int8" not in build_cpu_features()
 
 
 @functools.cache
@@ -66,17 +75,13 @@ def cpu_features_missing() -> tuple[str, ...]:
     lacks. A wheel built with -march=native on a newer machine (a wheelhouse's build
     host) loads, then stops the daemon with SIGILL in its first matrix kernel; checked
     before every load instead, against the live CPU (never a hardware tree under test)."""
-    import llama_cpp
-
     from agent.hardware.cpu import detect_cpu, read_cpuinfo
     from agent.hardware.devroot import DeviceRoot
-    from agent.hardware.runtimes import llama_cpu_features
     from registry.profile import RuntimeInfo, llama_features_missing
 
     live = DeviceRoot(Path("/"))
     cpu = detect_cpu(live, read_cpuinfo(live))
-    info = llama_cpp.llama_print_system_info().decode("utf-8", "replace")
-    return llama_features_missing(cpu, RuntimeInfo(llama_cpu_features=llama_cpu_features(info)))
+    return llama_features_missing(cpu, RuntimeInfo(llama_cpu_features=build_cpu_features()))
 
 
 @contextmanager
